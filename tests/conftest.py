@@ -1,0 +1,13 @@
+"""Test setup: CPU only, 8 fake devices, a persistent compilation cache; set before anything touches a device."""
+
+import os
+import tempfile
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 8)
+jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "mmdiff_jax_test_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
