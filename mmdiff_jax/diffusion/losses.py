@@ -21,6 +21,7 @@ import numpy as np
 
 from mmdiff_jax.diffusion import likelihoods, process
 from mmdiff_jax.diffusion.schedules import Schedule
+from mmdiff_jax.errors import UserError
 
 LOSS_TERM_NAMES = ("l0", "l1", "l2", "l3")
 
@@ -142,11 +143,11 @@ def check_loss_weights(weights: Mapping[str, float]) -> dict[str, float]:
     """Validate a {l0, l1, l2, l3} weight mapping (missing keys count as 0); names the bad key."""
     unknown = sorted(set(weights) - set(LOSS_TERM_NAMES))
     if unknown:
-        raise ValueError(f"diffusion.loss_weights: unknown term(s) {unknown}; the terms are {list(LOSS_TERM_NAMES)}.")
+        raise UserError(f"diffusion.loss_weights: unknown term(s) {unknown}; the terms are {list(LOSS_TERM_NAMES)}.")
     out = {name: float(weights.get(name, 0.0)) for name in LOSS_TERM_NAMES}
     for name, value in out.items():
         if not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"diffusion.loss_weights.{name}: must be a finite non-negative number, got {value}.")
+            raise UserError(f"diffusion.loss_weights.{name}: must be a finite non-negative number, got {value}.")
     return out
 
 

@@ -23,8 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from mmdiff_jax.errors import UserError
 
-class ScheduleError(ValueError):
+
+class ScheduleError(UserError):
     """A schedule that fails its checks; the message names the offending field and the fix."""
 
 
@@ -33,9 +35,13 @@ class ScheduleError(ValueError):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def linear_betas(num_steps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
-    """DDPM's linear schedule. Returns float64 [T]."""
+def linear_betas(num_steps: int, beta_start: float | None = None, beta_end: float | None = None) -> np.ndarray:
+    """DDPM's linear schedule, 1e-4 .. 0.02 at T = 1000, both ends scaled by 1000 / T by default (Nichol & Dhariwal)
+    so that a shorter chain still reaches the prior. Returns float64 [T]."""
     _check_num_steps(num_steps)
+    scale = 1000.0 / num_steps
+    beta_start = 1e-4 * scale if beta_start is None else beta_start
+    beta_end = 0.02 * scale if beta_end is None else beta_end
     return np.linspace(beta_start, beta_end, num_steps, dtype=np.float64)
 
 

@@ -1,0 +1,80 @@
+"""Orbax checkpoints of the whole train state (params, EMA, optimizer, step, RNG) plus the data iterator position
+and a model signature. Restoring into a model of another shape fails with a clear error; nothing is overwritten.
+
+Orbax writes each step to a temporary directory and renames it when complete, so a crash never leaves a
+half-written checkpoint under a valid step number.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+
+from mmdiff_jax.errors import UserError
+
+
+class CheckpointMismatchError(UserError):
+    """The workdir holds a checkpoint of a different model or config."""
+
+
+def signature(tree: Any) -> dict[str, list[int]]:
+    """{'path/to/leaf': shape} of a pytree (used to recognize a checkpoint of another model shape)."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {jax.tree_util.keystr(path): list(np.shape(leaf)) for path, leaf in flat}
+
+
+class Checkpointer:
+    def __init__(self, workdir: str, max_to_keep: int = 2):
+        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            item_names=("state", "data", "meta"),
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, data_state: dict, meta: dict) -> None:
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=ocp.args.JsonSave(data_state),
+                meta=ocp.args.JsonSave(meta),
+            ),
+        )
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def check_compatible(self, step: int, meta: dict) -> None:
+        """Compare the stored model signature with the current one; raise naming the first difference."""
+        stored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        want, have = meta["params"], stored.get("params", {})
+        for name in sorted(set(want) | set(have)):
+            if want.get(name) != have.get(name):
+                raise CheckpointMismatchError(
+                    f"{self.directory} holds a checkpoint (step {step}) of another model: parameter {name} has shape "
+                    f"{have.get(name)} there but {want.get(name)} in this config. Use a new --workdir, or the config "
+                    "that wrote it; nothing was overwritten."
+                )
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()),
+        )
+        logging.info("Restored checkpoint step %d from %s", step, self.directory)
+        return restored.state, restored.data
+
+    def restore_params(self, step: int, abstract_state: Any) -> Any:
+        """The whole state item (for sampling/eval, where only params/EMA are used)."""
+        return self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+        ).state

@@ -1,0 +1,126 @@
+"""Ancestral (DDPM) and DDIM samplers for the modality-driven process; the whole loop is one `lax.scan`.
+
+Respacing. Sampling on a subsequence 0 = τ_0 < τ_1 < ... < τ_K = T of the training steps is itself a member of the
+affine-Gaussian family: the transition τ_{k-1} -> τ_k has
+
+    a'_k = abar_{τ_k} / abar_{τ_{k-1}},  b'_k = c_{τ_k} - a'_k c_{τ_{k-1}},  sigma'^2_k = s^2_{τ_k} - a'^2_k s^2_{τ_{k-1}},
+
+so its marginals are exactly those of the training process at τ_k, and the same closed forms apply.
+
+Conditioning. A predict function returns ε̂, the predicted encodings ê and the heads' outputs. Known auxiliary
+modalities replace ê with their true encodings (`known_enc`, `known_mask`); a known primary z_0 turns each step into
+a draw from the true posterior q(z_{k-1} | z_k, z_0, ê) (image -> label).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmdiff_jax.diffusion import process, schedules
+from mmdiff_jax.errors import UserError
+
+# (z_t [B, *S], t [B] in the *training* step numbering) -> (eps_hat [B, *S], enc_hat [B, N, *S], head outputs pytree)
+PredictFn = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array, Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingChain:
+    """A (possibly respaced) schedule and, for each of its steps k = 0..K, the training step τ_k."""
+
+    sched: schedules.Schedule
+    model_t: np.ndarray  # int32 [K+1]
+
+    @property
+    def num_steps(self) -> int:
+        return self.sched.num_steps
+
+
+def respace(betas: np.ndarray, weights: np.ndarray, num_steps: int) -> SamplingChain:
+    """The chain on `num_steps` evenly spaced training steps (always ending at T). betas [T], weights [T, N]."""
+    total = betas.shape[0]
+    if not 1 <= num_steps <= total:
+        raise UserError(f"sample.num_steps={num_steps} must lie in 1..diffusion.num_steps={total}.")
+    co = schedules.compute_coefficients(np.sqrt(1.0 - betas), weights, betas)
+    taus = np.unique(np.round(np.linspace(0, total, num_steps + 1)).astype(np.int64))
+    prev, cur = taus[:-1], taus[1:]
+    a = co.abar[cur] / co.abar[prev]
+    b = co.c[cur] - a[:, None] * co.c[prev]
+    sigma2 = co.s2[cur] - a**2 * co.s2[prev]
+    sched = schedules.make_schedule_from_coefficients(a, b, sigma2, prior_tol=float("inf"))
+    return SamplingChain(sched=sched, model_t=taus.astype(np.int32))
+
+
+def sample(
+    chain: SamplingChain,
+    predict_fn: PredictFn,
+    key: jax.Array,
+    batch_size: int,
+    latent_shape: tuple[int, ...],
+    *,
+    method: str = "ddpm",
+    eta: float = 0.0,
+    known_z0: jax.Array | None = None,
+    known_enc: jax.Array | None = None,
+    known_mask: jax.Array | None = None,
+) -> tuple[jax.Array, Any]:
+    """Run the reverse chain from z_K ~ N(0, I) to z_0.
+
+    Args:
+      method: 'ddpm' (ancestral, variance sigma~^2) or 'ddim' (eta = 0 deterministic; eta = 1 ancestral-like).
+      known_z0: [B, *S] a given primary (image -> other modalities), or None.
+      known_enc: [B, N, *S] true encodings of the given auxiliary modalities; used where known_mask [N] is True.
+    Returns:
+      z_0 [B, *S] (the final mean, no noise added) and the heads' outputs at the last step (t = τ_1).
+    """
+    if method not in ("ddpm", "ddim"):
+        raise UserError(f"sample.sampler: unknown sampler {method!r}; choose 'ddpm' or 'ddim'.")
+    sched = chain.sched
+    model_t = jnp.asarray(chain.model_t)
+    n = sched.num_modalities
+    if known_mask is None:
+        known_mask = jnp.zeros((n,), bool)
+    if known_enc is None:
+        known_enc = jnp.zeros((batch_size, n) + tuple(latent_shape), jnp.float32)
+    mask = jnp.asarray(known_mask).reshape((1, n) + (1,) * len(latent_shape))
+    init_key, loop_key = jax.random.split(key)
+    z_init = jax.random.normal(init_key, (batch_size,) + tuple(latent_shape), jnp.float32)
+
+    def step(z, k):
+        t = jnp.full((batch_size,), k, jnp.int32)
+        eps_hat, enc_model, heads = predict_fn(z, jnp.full((batch_size,), model_t[k], jnp.int32))
+        enc_hat = jnp.where(mask, known_enc, enc_model)
+        noise = jax.random.normal(jax.random.fold_in(loop_key, k), z.shape, jnp.float32)
+        if known_z0 is not None:
+            mean, var = process.q_posterior(sched, t, z, known_z0, enc_hat)
+            z_next = mean + jnp.sqrt(var) * noise
+        elif method == "ddpm":
+            mean = process.p_mean(sched, t, z, eps_hat, enc_hat)
+            var = process.per_example(sched.post_var, t, z)
+            z_next = mean + jnp.sqrt(var) * noise
+        else:
+            z_next = ddim_step(sched, t, z, eps_hat, enc_hat, noise, eta)
+        return z_next, heads
+
+    steps = jnp.arange(sched.num_steps, 0, -1, dtype=jnp.int32)  # K .. 1
+    z0, heads = jax.lax.scan(step, z_init, steps)
+    last_heads = jax.tree.map(lambda h: h[-1], heads)
+    return z0, last_heads
+
+
+def ddim_step(sched, t, zt, eps_hat, enc_hat, noise, eta: float) -> jax.Array:
+    """DDIM on y_t = z_t - sum c_t e (a plain DDPM chain), shifted back:
+
+        z_{t-1} = sum c_{t-1} ê + (z_t - sum c_t ê - s_t ε̂) / a_t + sqrt(s_{t-1}^2 - σ_η^2) ε̂ + σ_η ξ,
+        σ_η^2 = η^2 sigma~_t^2.
+    """
+    var_eta = (eta**2) * process.per_example(sched.post_var, t, zt)
+    s_prev2 = process.per_example(sched.s2, t - 1, zt)
+    y0_scaled = (zt - process.mix_modalities(sched.c, t, enc_hat) - process.per_example(sched.s, t, zt) * eps_hat)
+    y0_scaled = y0_scaled * process.per_example(sched.inv_a, t, zt)  # = abar_{t-1} ŷ_0
+    direction = jnp.sqrt(jnp.maximum(s_prev2 - var_eta, 0.0)) * eps_hat
+    return process.mix_modalities(sched.c, t - 1, enc_hat) + y0_scaled + direction + jnp.sqrt(var_eta) * noise

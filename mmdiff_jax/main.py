@@ -1,0 +1,57 @@
+"""The main job: trains (resuming automatically), then evaluates and samples.
+
+    python -m mmdiff_jax.main --config configs/digits_image_label.py --workdir runs/digits [--mode train|eval|sample]
+    [--config.train.num_steps=1000 ...]
+"""
+
+from __future__ import annotations
+
+import logging as py_logging
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, samples and eval results.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"],
+                          "train: train (resume if possible), then evaluate and sample; eval: metrics + grids of the "
+                          "latest checkpoint; sample: .npz + PNG samples of the latest checkpoint.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+class _DropLibraryInfo(py_logging.Filter):
+    """Keep the absl log readable: drop INFO records emitted from inside orbax."""
+
+    def filter(self, record: py_logging.LogRecord) -> bool:
+        return record.levelno > py_logging.INFO or "orbax" not in record.pathname
+
+
+def main(argv):
+    del argv
+    logging.get_absl_handler().addFilter(_DropLibraryInfo())
+    import jax  # after flag parsing; nothing touches a device before this point
+
+    from mmdiff_jax import evaluate, sample, train
+    from mmdiff_jax.errors import UserError
+
+    config, workdir = _CONFIG.value, _WORKDIR.value
+    logging.info("JAX %s: process %d/%d, devices %s", jax.__version__, jax.process_index(), jax.process_count(),
+                 jax.devices())
+    try:
+        if _MODE.value == "train":
+            train.train(config, workdir)
+            evaluate.evaluate(config, workdir)
+            sample.sample(config, workdir)
+        elif _MODE.value == "eval":
+            evaluate.evaluate(config, workdir)
+        else:
+            sample.sample(config, workdir)
+    except UserError as e:
+        logging.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,102 @@
+"""From a config to the training objective: the modalities, the schedule, and the batch -> loss function.
+
+Data flows one way: batch {modality: array} -> encoders -> q_sample -> denoiser -> heads -> loss terms.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmdiff_jax import modalities as modalities_lib
+from mmdiff_jax.diffusion import losses, process, schedules
+
+
+@dataclasses.dataclass(frozen=True)
+class Diffusion:
+    """Everything about the process that is fixed by the config; hashable host data plus the device `Schedule`."""
+
+    modalities: modalities_lib.ModalitySet
+    sched: schedules.Schedule
+    betas: np.ndarray  # float64 [T]
+    weights: np.ndarray  # float64 [T, N]
+    loss_weights: Mapping[str, float]
+    bin_width: float | None  # spacing of the primary's discrete data grid, for the decoder likelihood
+
+    @property
+    def num_steps(self) -> int:
+        return self.sched.num_steps
+
+
+def modality_specs(config) -> list[modalities_lib.ModalitySpec]:
+    """`config.modalities` (name -> fields) as specs, primary first, then the others sorted by name."""
+    mods = config.modalities
+    if config.primary not in mods:
+        raise modalities_lib.ModalityError(
+            f"primary: {config.primary!r} is not one of the configured modalities {sorted(mods)}."
+        )
+    names = [config.primary] + sorted(n for n in mods if n != config.primary)
+    specs = []
+    allowed = {f.name for f in dataclasses.fields(modalities_lib.ModalitySpec)} - {"name"}
+    for name in names:
+        fields = dict(mods[name])
+        unknown = sorted(set(fields) - allowed)
+        if unknown:
+            raise modalities_lib.ModalityError(f"modalities.{name}: unknown field(s) {unknown}; allowed: {sorted(allowed)}.")
+        if "shape" in fields:
+            fields["shape"] = tuple(fields["shape"])
+        specs.append(modalities_lib.ModalitySpec(name=name, **fields))
+    return specs
+
+
+def build_diffusion(config) -> Diffusion:
+    """The modalities and the schedule of a config (checks the prior; errors name the config field)."""
+    mods = modalities_lib.build_modalities(modality_specs(config), tuple(config.latent_shape))
+    dcfg = config.diffusion
+    betas = schedules.make_betas(dcfg.beta_schedule, dcfg.num_steps)
+    weights = schedules.make_weights(betas, mods.weight_specs())
+    try:
+        sched = schedules.make_schedule(betas, weights, prior_tol=dcfg.prior_tol)
+    except schedules.ScheduleError as e:
+        raise schedules.ScheduleError(f"{e} (config: diffusion.* and modalities.*.weight_schedule/weight_scale)") from None
+    return Diffusion(
+        modalities=mods, sched=sched, betas=betas, weights=weights,
+        loss_weights=losses.check_loss_weights(dict(dcfg.loss_weights)),
+        bin_width=dcfg.get("bin_width", None),
+    )
+
+
+def compute_loss(model, diff: Diffusion, batch: Mapping[str, jax.Array], key: jax.Array):
+    """The training loss of one batch. Returns (scalar, metrics dict)."""
+    mods = diff.modalities
+    z0 = batch[mods.primary.name].astype(jnp.float32)  # [B, *S]
+    batch_size = z0.shape[0]
+    enc = mods.encode(batch)  # [B, N, *S]
+    t_key, eps_key = jax.random.split(key)
+    t = process.sample_timesteps(t_key, batch_size, diff.num_steps)  # [B]
+    eps = jax.random.normal(eps_key, z0.shape, jnp.float32)
+    zt = process.q_sample(diff.sched, t, z0, enc, eps)
+    eps_hat, head_outs = model(zt, t)
+    enc_hat = mods.expected_encodings(head_outs, batch_size)
+    aux_nll = mods.nlls(head_outs, batch, batch_size)
+    terms = losses.loss_terms(diff.sched, t, z0, enc, eps, eps_hat, enc_hat, aux_nll, mods.loss_weights(),
+                              diff.bin_width)
+    loss, metrics = losses.training_loss(terms, diff.loss_weights)
+    for i, m in enumerate(mods.aux):
+        metrics[f"nll/{m.name}"] = jnp.mean(aux_nll[:, i])
+    return loss, metrics
+
+
+def describe(diff: Diffusion) -> dict[str, Any]:
+    """A JSON-able summary for logs."""
+    return {
+        "num_steps": diff.num_steps,
+        "modalities": diff.modalities.names,
+        "prior_kl_nats_per_dim": diff.sched.prior_kl,
+        "peak_c": [float(np.max(np.abs(col))) for col in schedules.compute_coefficients(
+            np.sqrt(1 - diff.betas), diff.weights, diff.betas).c.T],
+    }
