@@ -73,6 +73,10 @@ class Checkpointer:
         logging.info("Restored checkpoint step %d from %s", step, self.directory)
         return restored.state, restored.data
 
+    def restore_data(self, step: int) -> dict:
+        """The data iterator state stored with a step."""
+        return self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data
+
     def restore_params(self, step: int, abstract_state: Any) -> Any:
         """The whole state item (for sampling/eval, where only params/EMA are used)."""
         return self.manager.restore(

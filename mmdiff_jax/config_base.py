@@ -23,7 +23,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.data.shuffle_seed = 0
 
     c.model = ml_collections.ConfigDict()
-    c.model.channels = (32, 64)  # U-Net width per resolution level
+    c.model.channels = (32, 48)  # U-Net width per resolution level
     c.model.blocks_per_level = 1
     c.model.groups = 8  # GroupNorm groups
     c.model.temb_dim = 128

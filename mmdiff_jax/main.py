@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging as py_logging
+import os
 import sys
 
 from absl import app, flags, logging
@@ -17,6 +18,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metr
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"],
                           "train: train (resume if possible), then evaluate and sample; eval: metrics + grids of the "
                           "latest checkpoint; sample: .npz + PNG samples of the latest checkpoint.")
+_CPU_DEVICES = flags.DEFINE_integer(
+    "cpu_devices", len(os.sched_getaffinity(0)),
+    "CPU devices to expose when running on CPU (default: one per core; the batch is split across them, which uses "
+    "every core). Ignored on GPU/TPU.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -31,6 +36,8 @@ def main(argv):
     del argv
     logging.get_absl_handler().addFilter(_DropLibraryInfo())
     import jax  # after flag parsing; nothing touches a device before this point
+
+    jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
 
     from mmdiff_jax import evaluate, sample, train
     from mmdiff_jax.errors import UserError
@@ -53,5 +60,17 @@ def main(argv):
         sys.exit(2)
 
 
+def _parse_flags(argv):
+    """absl's parser, with a bad `--config.*` override reported as one line instead of a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        print(f"error: {e}\nSee --helpfull.", file=sys.stderr)
+        sys.exit(2)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        print(f"error: bad config override: {e}".replace("\\n", " "), file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -170,7 +170,118 @@ class LabelModality(Modality):
         return jnp.argmax(head_out, axis=-1).astype(jnp.int32)
 
 
-KINDS: dict[str, type[Modality]] = {"image": ImageModality, "label": LabelModality}
+class _VectorHead(nnx.Module):
+    """Pooled features and time embedding -> predicted vector [B, D]."""
+
+    def __init__(self, feature_dim: int, temb_dim: int, dim: int, hidden: int, rngs: nnx.Rngs):
+        self.lin1 = nnx.Linear(feature_dim + temb_dim, hidden, rngs=rngs)
+        self.lin2 = nnx.Linear(hidden, dim, rngs=rngs)
+
+    def __call__(self, feats: Features) -> jax.Array:
+        return self.lin2(nnx.silu(self.lin1(jnp.concatenate([feats.pooled, feats.temb], axis=-1))))
+
+
+class VectorModality(Modality):
+    """An embedding vector, float [B, D] (standardized by the data source). Encoder: a fixed random linear map into
+    the latent, scaled so a unit-variance vector gives unit-RMS encodings. Head: an MLP -> mean; Gaussian likelihood
+    with unit variance; ê = encoder(predicted mean) (exact: the encoder is linear)."""
+
+    kind = "vector"
+
+    def __init__(self, spec: ModalitySpec, latent_shape: tuple[int, ...]):
+        super().__init__(spec, latent_shape)
+        if len(spec.shape) != 1 or spec.shape[0] < 1:
+            self._fail(f"shape must be (D,), got {tuple(spec.shape)}.")
+        dim = spec.shape[0]
+        rng = np.random.default_rng(spec.seed)
+        self.projection = (rng.normal(size=(dim, int(np.prod(latent_shape)))) / np.sqrt(dim)).astype(np.float32)
+
+    def check_batch(self, x: np.ndarray, batch_size: int) -> None:
+        expected = (batch_size,) + tuple(self.spec.shape)
+        if tuple(x.shape) != expected:
+            self._fail(f"expected vectors of shape {expected}, got {tuple(x.shape)}.")
+        if not np.issubdtype(x.dtype, np.floating) or not np.all(np.isfinite(x)):
+            self._fail(f"expected finite floating-point vectors, got dtype {x.dtype}.")
+
+    def encode(self, x: jax.Array) -> jax.Array:
+        return (x.astype(jnp.float32) @ jnp.asarray(self.projection)).reshape((x.shape[0],) + self.latent_shape)
+
+    def make_head(self, feature_dim, fmap_channels, temb_dim, rngs):
+        return _VectorHead(feature_dim, temb_dim, self.spec.shape[0], 256, rngs)
+
+    def nll(self, head_out: jax.Array, x: jax.Array) -> jax.Array:
+        return likelihoods.gaussian_nll(x.astype(jnp.float32), head_out, 1.0)
+
+    def expected_encoding(self, head_out: jax.Array) -> jax.Array:
+        return self.encode(head_out)
+
+    def decode(self, head_out: jax.Array) -> jax.Array:
+        return head_out
+
+
+class _MaskHead(nnx.Module):
+    """Full-resolution feature map -> per-pixel class logits [B, H, W, K] (a 1x1 conv after a 3x3 conv)."""
+
+    def __init__(self, channels: int, num_classes: int, rngs: nnx.Rngs):
+        self.conv = nnx.Conv(channels, channels, (3, 3), rngs=rngs)
+        self.out = nnx.Conv(channels, num_classes, (1, 1), rngs=rngs)
+
+    def __call__(self, feats: Features) -> jax.Array:
+        return self.out(nnx.silu(self.conv(feats.fmap)))
+
+
+class MaskModality(Modality):
+    """A segmentation mask, int [B, H, W] in 0..K-1 on the latent's grid. Encoder: a fixed unit-RMS code per class in
+    the latent's channels, placed per pixel. Head: a per-pixel classifier on the full-resolution features;
+    ê = per-pixel softmax · codes; categorical likelihood summed over pixels."""
+
+    kind = "mask"
+
+    def __init__(self, spec: ModalitySpec, latent_shape: tuple[int, ...]):
+        super().__init__(spec, latent_shape)
+        if spec.num_classes < 2:
+            self._fail(f"num_classes must be at least 2, got {spec.num_classes}.")
+        if tuple(spec.shape) != tuple(latent_shape[:-1]):
+            self._fail(f"shape {tuple(spec.shape)} must be the latent's grid {tuple(latent_shape[:-1])}.")
+        channels = latent_shape[-1]
+        if channels == 1:  # one channel: class codes evenly spaced, unit RMS
+            codes = np.linspace(-1.0, 1.0, spec.num_classes)[:, None]
+            self.codes = (codes / np.sqrt(np.mean(codes**2))).astype(np.float32)
+        else:
+            self.codes = unit_rms_codes(spec.num_classes, (channels,), spec.seed)
+
+    def check_batch(self, x: np.ndarray, batch_size: int) -> None:
+        expected = (batch_size,) + tuple(self.spec.shape)
+        if tuple(x.shape) != expected:
+            self._fail(f"expected masks of shape {expected}, got {tuple(x.shape)}.")
+        if not np.issubdtype(x.dtype, np.integer):
+            self._fail(f"expected integer class ids, got dtype {x.dtype}.")
+        if x.size and (x.min() < 0 or x.max() >= self.spec.num_classes):
+            self._fail(f"class ids must lie in [0, {self.spec.num_classes - 1}]; got range [{x.min()}, {x.max()}].")
+
+    def encode(self, x: jax.Array) -> jax.Array:
+        return jnp.asarray(self.codes)[x]  # [B, H, W, C]
+
+    def make_head(self, feature_dim, fmap_channels, temb_dim, rngs):
+        return _MaskHead(fmap_channels, self.spec.num_classes, rngs)
+
+    def nll(self, head_out: jax.Array, x: jax.Array) -> jax.Array:
+        return likelihoods.categorical_nll(head_out, x)
+
+    def expected_encoding(self, head_out: jax.Array) -> jax.Array:
+        probs = jax.nn.softmax(head_out.astype(jnp.float32), axis=-1)  # [B, H, W, K]
+        return probs @ jnp.asarray(self.codes)
+
+    def decode(self, head_out: jax.Array) -> jax.Array:
+        return jnp.argmax(head_out, axis=-1).astype(jnp.int32)
+
+
+KINDS: dict[str, type[Modality]] = {
+    "image": ImageModality,
+    "label": LabelModality,
+    "mask": MaskModality,
+    "vector": VectorModality,
+}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -107,9 +107,13 @@ def test_prior_kl_is_reported_and_checked():
 
 
 def test_too_few_steps_breaks_the_prior_even_without_modalities():
-    betas = schedules.linear_betas(10)
+    betas = schedules.linear_betas(10, 1e-4, 0.02)  # DDPM's T = 1000 endpoints on only 10 steps
     with pytest.raises(schedules.ScheduleError, match="prior mismatch"):
         schedules.make_schedule(betas, np.zeros((10, 0)))
+    # the default rescales the endpoints by 1000 / T, so a 100-step chain still reaches the prior
+    rescaled = schedules.linear_betas(100)
+    np.testing.assert_allclose([rescaled[0], rescaled[-1]], [1e-3, 0.2])
+    assert schedules.make_schedule(rescaled, np.zeros((100, 0))).prior_kl < 1e-3
 
 
 @pytest.mark.parametrize(

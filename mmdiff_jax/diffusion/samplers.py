@@ -8,8 +8,9 @@ affine-Gaussian family: the transition τ_{k-1} -> τ_k has
 so its marginals are exactly those of the training process at τ_k, and the same closed forms apply.
 
 Conditioning. A predict function returns ε̂, the predicted encodings ê and the heads' outputs. Known auxiliary
-modalities replace ê with their true encodings (`known_enc`, `known_mask`); a known primary z_0 turns each step into
-a draw from the true posterior q(z_{k-1} | z_k, z_0, ê) (image -> label).
+modalities replace ê with their true encodings (`known_enc`, `known_mask`) in p_θ = N(mu~(z_t, ẑ_0, e), sigma~^2),
+with ẑ_0 the model's own estimate (see `condition_eps`); a known primary z_0 turns each step into a draw from the
+true posterior q(z_{k-1} | z_k, z_0, ê) (image -> label).
 """
 
 from __future__ import annotations
@@ -92,8 +93,9 @@ def sample(
 
     def step(z, k):
         t = jnp.full((batch_size,), k, jnp.int32)
-        eps_hat, enc_model, heads = predict_fn(z, jnp.full((batch_size,), model_t[k], jnp.int32))
+        eps_model, enc_model, heads = predict_fn(z, jnp.full((batch_size,), model_t[k], jnp.int32))
         enc_hat = jnp.where(mask, known_enc, enc_model)
+        eps_hat = condition_eps(sched, t, z, eps_model, enc_model, enc_hat)
         noise = jax.random.normal(jax.random.fold_in(loop_key, k), z.shape, jnp.float32)
         if known_z0 is not None:
             mean, var = process.q_posterior(sched, t, z, known_z0, enc_hat)
@@ -110,6 +112,18 @@ def sample(
     z0, heads = jax.lax.scan(step, z_init, steps)
     last_heads = jax.tree.map(lambda h: h[-1], heads)
     return z0, last_heads
+
+
+def condition_eps(sched, t, zt, eps_model, enc_model, enc_hat) -> jax.Array:
+    """The noise estimate consistent with replacing the model's encodings by known ones (SPEC §1).
+
+    The denoiser only sees z_t, so its ε̂ absorbs the part c_t (e - ê) of any encoding it is unsure of. Keeping its
+    ẑ_0 = (z_t - sum c_t ê - s_t ε̂) / abar_t and substituting the known e gives, without dividing by abar_t,
+        ε' = ε̂ + sum_i c_t(i) (ê_i - e_i) / s_t,   so that   p_mean(z_t, ε', e) = mu~_t(z_t, ẑ_0, e).
+    For unknown modalities e = ê and nothing changes.
+    """
+    shift = process.mix_modalities(sched.c, t, enc_model - enc_hat)
+    return eps_model + shift / process.per_example(sched.s, t, zt)
 
 
 def ddim_step(sched, t, zt, eps_hat, enc_hat, noise, eta: float) -> jax.Array:

@@ -290,7 +290,6 @@ def make_schedule_from_coefficients(
             "early are not washed out by t = T: use the 'profile' weight schedule, smaller weight scales, or more "
             "noise (larger betas / more steps)."
         )
-    logging.info("Schedule: T=%d, N=%d, prior mismatch KL = %.3g nats/dim", num_steps, b.shape[1], prior_kl)
     return _to_device(co, prior_kl)
 
 
@@ -320,7 +319,10 @@ def make_schedule(betas, weights, prior_tol: float = 1e-2) -> Schedule:
             f"make_schedule: `weights` has shape {weights.shape}; expected (T, N) = ({betas.shape[0]}, N). "
             "For one modality pass weights[:, None]."
         )
-    return make_schedule_from_coefficients(np.sqrt(1.0 - betas), weights, betas, prior_tol)
+    sched = make_schedule_from_coefficients(np.sqrt(1.0 - betas), weights, betas, prior_tol)
+    logging.info("Schedule: T=%d, N=%d, prior mismatch KL = %.3g nats/dim", sched.num_steps, sched.num_modalities,
+                 sched.prior_kl)
+    return sched
 
 
 def _to_device(co: Coefficients64, prior_kl: float) -> Schedule:

@@ -12,8 +12,7 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
     a, b = np.asarray(feats_a, np.float64), np.asarray(feats_b, np.float64)
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean, _ = scipy.linalg.sqrtm(cov_a @ cov_b, disp=False)
-    covmean = np.real(covmean)
+    covmean = np.real(scipy.linalg.sqrtm(cov_a @ cov_b))
     return float(np.sum((mu_a - mu_b) ** 2) + np.trace(cov_a + cov_b - 2.0 * covmean))
 
 

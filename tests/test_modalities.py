@@ -1,0 +1,109 @@
+"""The modality registry: encoders, heads, likelihoods and batch checks for each kind; config errors."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mmdiff_jax import modalities as M
+from mmdiff_jax.models.mt_diffusion import MTDiffusion
+from mmdiff_jax.models.unet import UNetConfig
+
+LATENT = (8, 8, 1)
+
+
+def _mods():
+    return M.build_modalities(
+        [M.ModalitySpec("image", "image", shape=LATENT), M.ModalitySpec("label", "label", num_classes=10)], LATENT)
+
+
+def test_label_encoder_head_and_likelihood():
+    mods = _mods()
+    label = mods.aux[0]
+    codes = label.codes
+    chex.assert_shape(codes, (10,) + LATENT)
+    np.testing.assert_allclose(np.sqrt(np.mean(codes.reshape(10, -1) ** 2, axis=1)), 1.0, rtol=1e-6)
+    x = jnp.asarray([3, 0, 9])
+    enc = label.encode(x)
+    chex.assert_shape(enc, (3,) + LATENT)
+    np.testing.assert_allclose(enc[0], codes[3])
+    # a confident head predicts its class's code; a uniform one the mean code
+    logits = 50.0 * jax.nn.one_hot(x, 10)
+    np.testing.assert_allclose(label.expected_encoding(logits), enc, atol=1e-5)
+    np.testing.assert_allclose(label.expected_encoding(jnp.zeros((1, 10)))[0], codes.mean(0), atol=1e-6)
+    np.testing.assert_array_equal(label.decode(logits), x)
+    nll = label.nll(logits, x)
+    chex.assert_shape(nll, (3,))
+    assert float(nll.max()) < 1e-6
+    model = MTDiffusion(UNetConfig(channels=(16, 32), temb_dim=32), mods, rngs=nnx.Rngs(0))
+    eps_hat, heads = model(jnp.zeros((3,) + LATENT), jnp.asarray([1, 5, 100]))
+    chex.assert_shape(eps_hat, (3,) + LATENT)
+    chex.assert_shape(heads["label"], (3, 10))
+    enc_hat = mods.expected_encodings(heads, 3)
+    chex.assert_shape(enc_hat, (3, 1) + LATENT)
+    chex.assert_shape(mods.nlls(heads, {"label": x}, 3), (3, 1))
+
+
+def test_no_aux_modality_gives_empty_arrays():
+    mods = M.build_modalities([M.ModalitySpec("image", "image", shape=LATENT)], LATENT)
+    batch = {"image": jnp.zeros((2,) + LATENT)}
+    chex.assert_shape(mods.encode(batch), (2, 0) + LATENT)
+    chex.assert_shape(mods.nlls({}, batch, 2), (2, 0))
+
+
+@pytest.mark.parametrize(
+    "batch, match",
+    [
+        ({"image": np.zeros((4,) + LATENT, np.float32)}, r"batch lacks modality \['label'\]"),
+        ({"image": np.zeros((4, 8, 8, 3), np.float32), "label": np.zeros(4, np.int32)},
+         r"modality 'image' \(image\): expected a batch of shape \(4, 8, 8, 1\), got \(4, 8, 8, 3\)"),
+        ({"image": np.full((4,) + LATENT, 2.0, np.float32), "label": np.zeros(4, np.int32)},
+         r"pixels must be finite and in \[-1, 1\]"),
+        ({"image": np.zeros((4,) + LATENT, np.uint8), "label": np.zeros(4, np.int32)}, r"dtype uint8"),
+        ({"image": np.zeros((4,) + LATENT, np.float32), "label": np.array([0, 1, 10, 2])},
+         r"modality 'label' \(label\): labels must lie in \[0, 9\]; got range \[0, 10\]"),
+        ({"image": np.zeros((4,) + LATENT, np.float32), "label": np.zeros(4, np.float32)}, r"integer labels"),
+    ],
+)
+def test_bad_batches_name_the_modality(batch, match):
+    with pytest.raises(M.ModalityError, match=match):
+        _mods().check_batch(batch, 4)
+
+
+def test_bad_modality_configs():
+    with pytest.raises(M.ModalityError, match=r"unknown kind 'audio'; the registered kinds are \['image', 'label', 'mask', 'vector'\]"):
+        M.build_modalities([M.ModalitySpec("image", "image", shape=LATENT), M.ModalitySpec("a", "audio")], LATENT)
+    with pytest.raises(M.ModalityError, match="the first modality must be the one primary image modality"):
+        M.build_modalities([M.ModalitySpec("label", "label", num_classes=3)], LATENT)
+    with pytest.raises(M.ModalityError, match="num_classes must be at least 2"):
+        M.build_modalities([M.ModalitySpec("image", "image", shape=LATENT), M.ModalitySpec("l", "label")], LATENT)
+
+
+def test_mask_and_vector_kinds():
+    mods = M.build_modalities(
+        [M.ModalitySpec("image", "image", shape=LATENT), M.ModalitySpec("mask", "mask", shape=(8, 8), num_classes=4),
+         M.ModalitySpec("vec", "vector", shape=(16,))], LATENT)
+    mask, vec = mods.aux
+    m = jnp.asarray(np.random.default_rng(0).integers(0, 4, size=(2, 8, 8)))
+    v = jnp.asarray(np.random.default_rng(1).normal(size=(2, 16)), jnp.float32)
+    chex.assert_shape([mask.encode(m), vec.encode(v)], (2,) + LATENT)
+    np.testing.assert_allclose(np.sqrt(np.mean(mask.codes**2)), 1.0, rtol=1e-6)
+    # vector encodings have unit RMS on average for unit-variance vectors (the projection is scaled by 1/sqrt(D))
+    big = jnp.asarray(np.random.default_rng(2).normal(size=(4000, 16)), jnp.float32)
+    assert abs(float(jnp.sqrt(jnp.mean(vec.encode(big) ** 2))) - 1.0) < 0.05
+    model = MTDiffusion(UNetConfig(channels=(16, 32), temb_dim=32), mods, rngs=nnx.Rngs(0))
+    _, heads = model(jnp.zeros((2,) + LATENT), jnp.asarray([1, 50]))
+    chex.assert_shape(heads["mask"], (2, 8, 8, 4))
+    chex.assert_shape(heads["vec"], (2, 16))
+    chex.assert_shape(mods.expected_encodings(heads, 2), (2, 2) + LATENT)
+    chex.assert_shape(mods.nlls(heads, {"mask": m, "vec": v}, 2), (2, 2))
+    confident = 50.0 * jax.nn.one_hot(m, 4)
+    np.testing.assert_allclose(mask.expected_encoding(confident), mask.encode(m), atol=1e-5)
+    np.testing.assert_array_equal(mask.decode(confident), m)
+    np.testing.assert_allclose(vec.expected_encoding(v), vec.encode(v), atol=1e-6)
+    with pytest.raises(M.ModalityError, match=r"modality 'mask' \(mask\): class ids must lie in \[0, 3\]"):
+        mask.check_batch(np.full((2, 8, 8), 4), 2)
+    with pytest.raises(M.ModalityError, match=r"shape \(4, 4\) must be the latent's grid \(8, 8\)"):
+        M.MaskModality(M.ModalitySpec("mask", "mask", shape=(4, 4), num_classes=3), LATENT)
