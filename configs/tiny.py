@@ -1,12 +1,13 @@
-"""A tiny joint image + label config for tests: a (16, 32) U-Net, 100 diffusion steps, a few training steps.
+"""Tiny joint image + label configs for tests: a (16, 32) U-Net and 100 diffusion steps.
 
-    python -m mmdiff_jax.main --config configs/tiny.py --workdir /tmp/tiny
+    python -m mmdiff_jax.main --config configs/tiny.py --workdir /tmp/tiny            # 6 steps: plumbing only
+    python -m mmdiff_jax.main --config configs/tiny.py:learns --workdir /tmp/learns   # 600 steps: learns the digits
 """
 
 from mmdiff_jax import config_base
 
 
-def get_config():
+def get_config(preset: str = ""):
     c = config_base.get_base_config()
     c.modalities.label = dict(kind="label", num_classes=10, weight_schedule="profile", weight_scale=1.0,
                               loss_weight=1.0)
@@ -22,4 +23,18 @@ def get_config():
     c.sample.batch_size = 64
     c.eval.num_samples = 64
     c.eval.evaluator_steps = 200
+    if preset == "learns":  # enough training for label -> image to work (tests/test_end_to_end.py)
+        c.data.global_batch_size = 64
+        c.train.num_steps = 600
+        c.train.log_every = 100
+        c.train.checkpoint_every = 600
+        c.optim.lr = 3e-3
+        c.optim.warmup_steps = 50
+        c.optim.ema_decay = 0.99
+        c.sample.num_steps = 25
+        c.sample.batch_size = 200
+        c.eval.num_samples = 200
+        c.eval.evaluator_steps = 400
+    elif preset:
+        raise ValueError(f"configs/tiny.py: unknown preset {preset!r}; use '' or 'learns'.")
     return c

@@ -107,12 +107,12 @@ class ImageModality(Modality):
             )
 
 
-class _LabelHead(nnx.Module):
-    """Pooled features and time embedding -> class logits [B, K]."""
+class _MLPHead(nnx.Module):
+    """Pooled features and time embedding -> [B, out_dim] (class logits or a vector's mean)."""
 
-    def __init__(self, feature_dim: int, temb_dim: int, num_classes: int, hidden: int, rngs: nnx.Rngs):
+    def __init__(self, feature_dim: int, temb_dim: int, out_dim: int, hidden: int, rngs: nnx.Rngs):
         self.lin1 = nnx.Linear(feature_dim + temb_dim, hidden, rngs=rngs)
-        self.lin2 = nnx.Linear(hidden, num_classes, rngs=rngs)
+        self.lin2 = nnx.Linear(hidden, out_dim, rngs=rngs)
 
     def __call__(self, feats: Features) -> jax.Array:
         h = jnp.concatenate([feats.pooled, feats.temb], axis=-1)
@@ -157,7 +157,7 @@ class LabelModality(Modality):
         return jnp.asarray(self.codes)[x]
 
     def make_head(self, feature_dim, fmap_channels, temb_dim, rngs):
-        return _LabelHead(feature_dim, temb_dim, self.spec.num_classes, 128, rngs)
+        return _MLPHead(feature_dim, temb_dim, self.spec.num_classes, 128, rngs)
 
     def nll(self, head_out: jax.Array, x: jax.Array) -> jax.Array:
         return likelihoods.categorical_nll(head_out, x)
@@ -168,17 +168,6 @@ class LabelModality(Modality):
 
     def decode(self, head_out: jax.Array) -> jax.Array:
         return jnp.argmax(head_out, axis=-1).astype(jnp.int32)
-
-
-class _VectorHead(nnx.Module):
-    """Pooled features and time embedding -> predicted vector [B, D]."""
-
-    def __init__(self, feature_dim: int, temb_dim: int, dim: int, hidden: int, rngs: nnx.Rngs):
-        self.lin1 = nnx.Linear(feature_dim + temb_dim, hidden, rngs=rngs)
-        self.lin2 = nnx.Linear(hidden, dim, rngs=rngs)
-
-    def __call__(self, feats: Features) -> jax.Array:
-        return self.lin2(nnx.silu(self.lin1(jnp.concatenate([feats.pooled, feats.temb], axis=-1))))
 
 
 class VectorModality(Modality):
@@ -207,7 +196,7 @@ class VectorModality(Modality):
         return (x.astype(jnp.float32) @ jnp.asarray(self.projection)).reshape((x.shape[0],) + self.latent_shape)
 
     def make_head(self, feature_dim, fmap_channels, temb_dim, rngs):
-        return _VectorHead(feature_dim, temb_dim, self.spec.shape[0], 256, rngs)
+        return _MLPHead(feature_dim, temb_dim, self.spec.shape[0], 256, rngs)
 
     def nll(self, head_out: jax.Array, x: jax.Array) -> jax.Array:
         return likelihoods.gaussian_nll(x.astype(jnp.float32), head_out, 1.0)

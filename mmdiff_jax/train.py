@@ -82,7 +82,7 @@ def make_train_step(graphdef, diff: objective.Diffusion, tx, ema_decay: float):
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, params)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         new_state = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
         return new_state, metrics
 
@@ -134,6 +134,7 @@ def train(config, workdir: str, num_steps: int | None = None) -> TrainState:
     Returns:
       The final TrainState (replicated on the mesh).
     """
+    start_time = time.perf_counter()
     os.makedirs(workdir, exist_ok=True)
     total_steps = config.train.num_steps
     stop_at = total_steps if num_steps is None else num_steps
@@ -169,7 +170,6 @@ def train(config, workdir: str, num_steps: int | None = None) -> TrainState:
     step = int(state.step)
     local_batch_size = config.data.global_batch_size // jax.process_count()
     checked = False
-    start_time = time.perf_counter()
     writer.progress(step, {})
     with parallel.set_mesh(mesh), _Preemption() as preempt:
         while step < stop_at:
@@ -190,5 +190,20 @@ def train(config, workdir: str, num_steps: int | None = None) -> TrainState:
             if preempt.requested:
                 break
     ckpt.wait()
-    logging.info("Trained to step %d in %.1f s", step, time.perf_counter() - start_time)
+    seconds = time.perf_counter() - start_time
+    logging.info("Trained to step %d in %.1f s", step, seconds)
+    if parallel.is_main_process():
+        _add_train_time(workdir, step, seconds)
     return state
+
+
+def _add_train_time(workdir: str, step: int, seconds: float) -> None:
+    """Accumulate wall time over resumed sessions in workdir/train_summary.json (compilation included)."""
+    path = os.path.join(workdir, "train_summary.json")
+    summary = {"seconds": 0.0, "sessions": 0}
+    if os.path.exists(path):
+        with open(path) as f:
+            summary = json.load(f)
+    summary = {"step": step, "seconds": summary["seconds"] + seconds, "sessions": summary["sessions"] + 1}
+    with open(path, "w") as f:
+        json.dump(summary, f)

@@ -12,18 +12,7 @@ from mmdiff_jax import evaluate, sample, train
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    config = tiny.get_config()
-    config.data.global_batch_size = 64
-    config.train.num_steps = 600
-    config.train.log_every = 100
-    config.train.checkpoint_every = 600
-    config.optim.lr = 3e-3
-    config.optim.warmup_steps = 50
-    config.optim.ema_decay = 0.99
-    config.sample.num_steps = 25
-    config.sample.batch_size = 200
-    config.eval.num_samples = 200
-    config.eval.evaluator_steps = 400
+    config = tiny.get_config("learns")
     workdir = str(tmp_path_factory.mktemp("e2e"))
     train.train(config, workdir)
     return config, workdir

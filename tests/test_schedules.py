@@ -53,7 +53,7 @@ def test_profile_weights_give_the_marginal_profile(scale):
 
 
 def test_other_per_step_shapes():
-    betas = schedules.linear_betas(10)
+    betas = schedules.linear_betas(10, 1e-3, 0.2)
     np.testing.assert_allclose(schedules.constant_weights(betas, 0.3), 0.3)
     lin = schedules.linear_decay_weights(betas, 0.3)
     np.testing.assert_allclose([lin[0], lin[-1]], [0.3, 0.0], atol=1e-15)
