@@ -8,6 +8,8 @@ half-written checkpoint under a valid step number.
 from __future__ import annotations
 
 import os
+import shutil
+import time
 from typing import Any
 
 import jax
@@ -65,6 +67,50 @@ class Checkpointer:
                     "that wrote it; nothing was overwritten."
                 )
 
+    def restore_latest(self, template_state: Any, meta: dict) -> tuple[Any, dict, int] | None:
+        """Restore the newest readable checkpoint: (state, data iterator state, step), or None if there is none.
+
+        A checkpoint that cannot be read (truncated or corrupt files) is reported, moved to
+        `workdir/corrupt_checkpoints/`, and the previous one is tried. If checkpoints exist but none is readable this
+        raises: a run never silently starts over. A checkpoint of another model raises CheckpointMismatchError.
+        """
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        if not steps:
+            return None
+        bad = []
+        for step in steps:
+            try:
+                self.check_compatible(step, meta)
+                state, data_state = self.restore(step, template_state)
+            except CheckpointMismatchError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any read failure means this step is unusable
+                moved = self._quarantine(step)
+                logging.error("Checkpoint step %d in %s is unreadable (%s: %s); moved it to %s and trying the "
+                              "previous one.", step, self.directory, type(e).__name__, str(e).splitlines()[0][:300],
+                              moved)
+                bad.append(step)
+                continue
+            if bad:
+                logging.warning("Resumed from step %d instead of the unreadable step(s) %s.", step, bad)
+            return state, data_state, step
+        raise UserError(
+            f"none of the checkpoints in {self.directory} (steps {bad}) could be read; they were moved to "
+            f"{self.quarantine_dir}. Nothing was restored and training did not start over: inspect them, then delete "
+            "them (or use a new --workdir) to train from scratch."
+        )
+
+    @property
+    def quarantine_dir(self) -> str:
+        return os.path.join(os.path.dirname(self.directory), "corrupt_checkpoints")
+
+    def _quarantine(self, step: int) -> str:
+        os.makedirs(self.quarantine_dir, exist_ok=True)
+        target = os.path.join(self.quarantine_dir, f"{step}-{int(time.time())}")
+        shutil.move(os.path.join(self.directory, str(step)), target)
+        self.manager.reload()
+        return target
+
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         restored = self.manager.restore(
             step,
@@ -76,9 +122,3 @@ class Checkpointer:
     def restore_data(self, step: int) -> dict:
         """The data iterator state stored with a step."""
         return self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data
-
-    def restore_params(self, step: int, abstract_state: Any) -> Any:
-        """The whole state item (for sampling/eval, where only params/EMA are used)."""
-        return self.manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
-        ).state

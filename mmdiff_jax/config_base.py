@@ -51,6 +51,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.train.log_every = 100
     c.train.checkpoint_every = 1000
     c.train.keep_checkpoints = 2
+    c.train.max_bad_steps = 10  # consecutive non-finite (skipped) steps that stop the run; checked at log steps
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # data-parallel devices (-1 = all)

@@ -18,6 +18,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metr
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"],
                           "train: train (resume if possible), then evaluate and sample; eval: metrics + grids of the "
                           "latest checkpoint; sample: .npz + PNG samples of the latest checkpoint.")
+_EVAL_AFTER_TRAIN = flags.DEFINE_bool("eval_after_train", True, "In --mode train, evaluate and sample when done.")
 _CPU_DEVICES = flags.DEFINE_integer(
     "cpu_devices", len(os.sched_getaffinity(0)),
     "CPU devices to expose when running on CPU (default: one per core; the batch is split across them, which uses "
@@ -39,23 +40,28 @@ def main(argv):
 
     jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
 
-    from mmdiff_jax import evaluate, sample, train
+    from mmdiff_jax import config_check, evaluate, sample, train
     from mmdiff_jax.errors import UserError
 
     config, workdir = _CONFIG.value, _WORKDIR.value
     logging.info("JAX %s: process %d/%d, devices %s", jax.__version__, jax.process_index(), jax.process_count(),
                  jax.devices())
     try:
+        config_check.validate(config)  # before anything compiles
         if _MODE.value == "train":
             train.train(config, workdir)
-            evaluate.evaluate(config, workdir)
-            sample.sample(config, workdir)
+            if _EVAL_AFTER_TRAIN.value:
+                evaluate.evaluate(config, workdir)
+                sample.sample(config, workdir)
         elif _MODE.value == "eval":
             evaluate.evaluate(config, workdir)
         else:
             sample.sample(config, workdir)
+    except train.Preempted as e:
+        logging.warning("Preempted: %s", e)
+        print(f"preempted: {e}", file=sys.stderr)
+        sys.exit(0)
     except UserError as e:
-        logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -14,7 +14,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from mmdiff_jax import checkpointing, objective, train
+from mmdiff_jax import checkpointing, config_check, objective, train
 from mmdiff_jax.diffusion import samplers
 from mmdiff_jax.errors import UserError
 from mmdiff_jax.evaluation import grids
@@ -96,16 +96,16 @@ class Generator:
 
 def load_generator(config, workdir: str) -> Generator:
     """Restore the latest checkpoint's EMA parameters; a missing checkpoint is a clear error."""
+    config_check.validate(config)
     diff = objective.build_diffusion(config)
     graphdef, params = train.create_model(config, diff)
     tx = train.make_optimizer(config.optim, config.train.num_steps)
     template = train.initial_state(config, params, tx)
     ckpt = checkpointing.Checkpointer(workdir, config.train.keep_checkpoints)
-    step = ckpt.latest_step()
-    if step is None:
+    restored = ckpt.restore_latest(template, train.model_meta(config, template))
+    if restored is None:
         raise UserError(f"no checkpoint in {ckpt.directory}: train first (--mode train) with this --workdir.")
-    ckpt.check_compatible(step, train.model_meta(config, params))
-    state = ckpt.restore_params(step, template)
+    state, _, step = restored
     logging.info("Sampling with the EMA parameters of step %d", step)
     return Generator(config=config, diff=diff, graphdef=graphdef, params=state.ema_params, step=step)
 

@@ -17,7 +17,8 @@ import optax
 from absl import logging
 from flax import nnx
 
-from mmdiff_jax import checkpointing, objective, parallel
+from mmdiff_jax import checkpointing, config_check, objective, parallel
+from mmdiff_jax.errors import UserError
 from mmdiff_jax.data import pipeline, sources
 from mmdiff_jax.metrics_writer import MetricWriter
 from mmdiff_jax.models.mt_diffusion import MTDiffusion
@@ -30,6 +31,16 @@ class TrainState(flax.struct.PyTreeNode):
     ema_params: Any
     opt_state: Any
     rng: jax.Array  # uint32 raw key data (checkpointable)
+    skipped: jax.Array  # int32: steps whose loss or gradient was non-finite (update skipped)
+    bad_streak: jax.Array  # int32: consecutive such steps up to now
+
+
+class Preempted(Exception):
+    """Training stopped on SIGTERM/SIGINT after saving a checkpoint; rerun the same command to resume."""
+
+
+class NonFiniteError(UserError):
+    """Too many consecutive non-finite steps."""
 
 
 def unet_config(config) -> UNetConfig:
@@ -68,6 +79,8 @@ def initial_state(config, params, tx) -> TrainState:
         ema_params=jax.tree.map(jnp.copy, params),
         opt_state=tx.init(params),
         rng=jax.random.key_data(jax.random.key(config.seed)),
+        skipped=jnp.zeros((), jnp.int32),
+        bad_streak=jnp.zeros((), jnp.int32),
     )
 
 
@@ -79,11 +92,22 @@ def make_train_step(graphdef, diff: objective.Diffusion, tx, ema_decay: float):
             return objective.compute_loss(nnx.merge(graphdef, params), diff, batch, key)
 
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, params)
-        metrics["grad_norm"] = optax.tree.norm(grads)
-        new_state = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
+        # A non-finite loss or gradient skips the whole update (params, EMA, optimizer) and is counted.
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
+        bad = jnp.logical_not(ok).astype(jnp.int32)
+        new_state = state.replace(
+            step=state.step + 1, params=keep(params, state.params), ema_params=keep(ema, state.ema_params),
+            opt_state=keep(opt_state, state.opt_state), skipped=state.skipped + bad,
+            bad_streak=(state.bad_streak + bad) * bad,
+        )
+        metrics["grad_norm"] = grad_norm
+        metrics["skipped_steps"] = new_state.skipped
+        metrics["bad_streak"] = new_state.bad_streak
         return new_state, metrics
 
     return train_step
@@ -99,31 +123,39 @@ def jit_train_step(graphdef, diff, tx, ema_decay, mesh, state_example):
     )
 
 
-def model_meta(config, params) -> dict:
-    return {"params": checkpointing.signature(params), "config": json.loads(config.to_json_best_effort())}
+def model_meta(config, state) -> dict:
+    """What a checkpoint must match: the shapes of every leaf of the train state (params, EMA, optimizer, ...)."""
+    return {"params": checkpointing.signature(state), "config": json.loads(config.to_json_best_effort())}
 
 
 class _Preemption:
-    """Turns SIGTERM into a flag the loop polls: it saves a checkpoint and stops cleanly."""
+    """Turns SIGTERM and the first SIGINT into a flag the loop polls: it saves a checkpoint and stops cleanly.
+    A second SIGINT gets Python's default behaviour (KeyboardInterrupt)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
-        self.requested = False
-        self._previous = None
+        self.requested = None  # the signal's name once one arrives
+        self._previous = {}
 
     def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread
-            self._previous = None
+        for sig in self.SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
         return self
 
     def _handle(self, signum, frame):
-        logging.warning("SIGTERM received: saving a checkpoint and stopping.")
-        self.requested = True
+        name = signal.Signals(signum).name
+        logging.warning("%s received: saving a checkpoint at the current step and stopping.", name)
+        self.requested = name
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
 def train(config, workdir: str, num_steps: int | None = None) -> TrainState:
@@ -135,6 +167,7 @@ def train(config, workdir: str, num_steps: int | None = None) -> TrainState:
       The final TrainState (replicated on the mesh).
     """
     start_time = time.perf_counter()
+    config_check.validate(config)
     os.makedirs(workdir, exist_ok=True)
     total_steps = config.train.num_steps
     stop_at = total_steps if num_steps is None else num_steps
@@ -149,12 +182,11 @@ def train(config, workdir: str, num_steps: int | None = None) -> TrainState:
     graphdef, params = create_model(config, diff)
     tx = make_optimizer(config.optim, total_steps)
     state = initial_state(config, params, tx)
-    meta = model_meta(config, params)
+    meta = model_meta(config, state)
     ckpt = checkpointing.Checkpointer(workdir, config.train.keep_checkpoints)
-    latest = ckpt.latest_step()
-    if latest is not None:
-        ckpt.check_compatible(latest, meta)
-        state, data_state = ckpt.restore(latest, state)
+    restored = ckpt.restore_latest(state, meta)
+    if restored is not None:
+        state, data_state, latest = restored
         data_iter.set_state(data_state)
         logging.info("Resuming from step %d", latest)
     else:
@@ -170,6 +202,7 @@ def train(config, workdir: str, num_steps: int | None = None) -> TrainState:
     step = int(state.step)
     local_batch_size = config.data.global_batch_size // jax.process_count()
     checked = False
+    skipped_seen = int(state.skipped)
     writer.progress(step, {})
     with parallel.set_mesh(mesh), _Preemption() as preempt:
         while step < stop_at:
@@ -181,10 +214,19 @@ def train(config, workdir: str, num_steps: int | None = None) -> TrainState:
             step += 1
             if step % config.train.log_every == 0 or step == stop_at:
                 metrics = jax.device_get(metrics)
-                if not np.isfinite(metrics["loss/total"]):
-                    raise FloatingPointError(f"non-finite loss at step {step}: {metrics}")
                 metrics.update(writer.progress(step, metrics))
                 writer.write(step, metrics)
+                if metrics["bad_streak"] >= config.train.max_bad_steps:
+                    ckpt.wait()
+                    last_good = ckpt.latest_step()
+                    raise NonFiniteError(
+                        f"{int(metrics['bad_streak'])} consecutive steps up to step {step} had a non-finite loss or "
+                        f"gradient (train.max_bad_steps={config.train.max_bad_steps}); their updates were skipped, "
+                        f"{int(metrics['skipped_steps'])} in all. The last good checkpoint is step {last_good} in "
+                        f"{ckpt.directory}. Check the data and the learning rate.")
+                if metrics["skipped_steps"] > skipped_seen:
+                    skipped_seen = int(metrics["skipped_steps"])
+                    logging.warning("%d step(s) skipped so far for a non-finite loss or gradient.", skipped_seen)
             if step % config.train.checkpoint_every == 0 or step == stop_at or preempt.requested:
                 ckpt.save(step, state, data_iter.get_state(), meta)
             if preempt.requested:
@@ -194,6 +236,9 @@ def train(config, workdir: str, num_steps: int | None = None) -> TrainState:
     logging.info("Trained to step %d in %.1f s", step, seconds)
     if parallel.is_main_process():
         _add_train_time(workdir, step, seconds)
+    if preempt.requested:
+        raise Preempted(f"{preempt.requested} at step {step}: checkpoint saved in {ckpt.directory}; rerun the same "
+                        "command to resume.")
     return state
 
 

@@ -1,0 +1,195 @@
+"""Validate a whole experiment config before anything compiles: every field's type and range, modality and dataset
+names, batch divisibility by the devices, and the schedule's own checks. All problems are reported at once, one line
+each, naming the field and the fix."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+
+from mmdiff_jax import modalities as modalities_lib
+from mmdiff_jax import objective
+from mmdiff_jax.data import sources
+from mmdiff_jax.diffusion import losses, schedules
+from mmdiff_jax.errors import UserError
+
+
+class ConfigError(UserError):
+    """One or more invalid config fields; the message lists each with its fix."""
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+_MISSING = object()
+
+
+class _Checker:
+    def __init__(self, config):
+        self.config = config
+        self.problems: list[str] = []
+
+    def get(self, path: str):
+        node = self.config
+        for part in path.split("."):
+            if not hasattr(node, "__contains__") or part not in node:
+                self.problems.append(f"{path}: missing; start from mmdiff_jax.config_base.get_base_config().")
+                return _MISSING
+            node = node[part]
+        return node
+
+    def int_range(self, path: str, low: int, high: int | None = None, hint: str = "") -> int | None:
+        v = self.get(path)
+        if v is _MISSING:
+            return None
+        if not _is_int(v) or v < low or (high is not None and v > high):
+            bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+            self.problems.append(f"{path}: must be an integer {bound}, got {v!r}.{' ' + hint if hint else ''}")
+            return None
+        return v
+
+    def number_range(self, path: str, low: float, high: float | None = None, low_open: bool = False,
+                     high_open: bool = False) -> float | None:
+        v = self.get(path)
+        if v is _MISSING:
+            return None
+        ok = _is_number(v) and (v > low if low_open else v >= low)
+        if ok and high is not None:
+            ok = v < high if high_open else v <= high
+        if not ok:
+            lo = f"{'(' if low_open else '['}{low}"
+            hi = f"{high}{')' if high_open else ']'}" if high is not None else "inf)"
+            self.problems.append(f"{path}: must be a finite number in {lo}, {hi}, got {v!r}.")
+            return None
+        return float(v)
+
+    def choice(self, path: str, options) -> Any:
+        v = self.get(path)
+        if v is _MISSING:
+            return None
+        if v not in options:
+            self.problems.append(f"{path}: unknown value {v!r}; choose one of {sorted(options)}.")
+            return None
+        return v
+
+
+def validate(config, device_count: int | None = None, process_count: int | None = None) -> None:
+    """Raise ConfigError listing every invalid field of `config`; return None when it is sound."""
+    device_count = jax.device_count() if device_count is None else device_count
+    process_count = jax.process_count() if process_count is None else process_count
+    c = _Checker(config)
+    c.int_range("seed", 0)
+    latent = c.get("latent_shape")
+    if latent is _MISSING:
+        latent = None
+    elif not (isinstance(latent, (tuple, list)) and len(latent) == 3 and all(_is_int(d) and d > 0 for d in latent)):
+        c.problems.append(f"latent_shape: must be three positive integers (H, W, C), got {latent!r}.")
+        latent = None
+    # modalities
+    try:
+        specs = objective.modality_specs(config)
+        if latent is not None:
+            modalities_lib.build_modalities(specs, tuple(latent))
+        for spec in specs:
+            if spec.kind != "image":
+                if spec.weight_schedule not in schedules.WEIGHT_SCHEDULES:
+                    c.problems.append(
+                        f"modalities.{spec.name}.weight_schedule: unknown shape {spec.weight_schedule!r}; choose one "
+                        f"of {sorted(schedules.WEIGHT_SCHEDULES)}.")
+                if not _is_number(spec.weight_scale):
+                    c.problems.append(f"modalities.{spec.name}.weight_scale: must be a finite number, got "
+                                      f"{spec.weight_scale!r}.")
+                if not (_is_number(spec.loss_weight) and spec.loss_weight >= 0):
+                    c.problems.append(f"modalities.{spec.name}.loss_weight: must be a finite number >= 0, got "
+                                      f"{spec.loss_weight!r}.")
+    except (modalities_lib.ModalityError, TypeError) as e:
+        c.problems.append(str(e))
+    # data
+    c.choice("data.source", sources.SOURCES)
+    batch = c.int_range("data.global_batch_size", 1)
+    c.int_range("data.shuffle_seed", 0)
+    # mesh
+    mesh_data = c.get("mesh.data")
+    if mesh_data is _MISSING:
+        mesh_devices = None
+    elif not (_is_int(mesh_data) and (mesh_data == -1 or 1 <= mesh_data <= device_count)):
+        c.problems.append(f"mesh.data: must be -1 (all devices) or in [1, {device_count}], got {mesh_data!r}.")
+        mesh_devices = None
+    else:
+        mesh_devices = device_count if mesh_data == -1 else mesh_data
+    if batch is not None and mesh_devices and batch % mesh_devices:
+        c.problems.append(
+            f"data.global_batch_size: {batch} is not divisible by the {mesh_devices} devices of the mesh; use a "
+            f"multiple of {mesh_devices}.")
+    if batch is not None and batch % process_count:
+        c.problems.append(f"data.global_batch_size: {batch} is not divisible by the {process_count} processes.")
+    # model
+    channels = c.get("model.channels")
+    groups = c.int_range("model.groups", 1)
+    if channels is _MISSING:
+        channels = None
+    elif not (isinstance(channels, (tuple, list)) and channels and all(_is_int(w) and w > 0 for w in channels)):
+        c.problems.append(f"model.channels: must be a non-empty tuple of positive integers, got {channels!r}.")
+    elif groups is not None:
+        for w in channels:
+            if w % min(groups, w):
+                c.problems.append(f"model.channels: width {w} is not divisible by model.groups={groups} "
+                                  "(GroupNorm); use multiples of the group count.")
+    if latent is not None and isinstance(channels, (tuple, list)) and channels:
+        factor = 2 ** (len(channels) - 1)
+        if latent[0] % factor or latent[1] % factor:
+            c.problems.append(f"model.channels: {len(channels)} levels halve the {latent[0]}x{latent[1]} latent "
+                              f"{len(channels) - 1} times; H and W must be divisible by {factor}.")
+    temb = c.int_range("model.temb_dim", 2)
+    if temb is not None and temb % 2:
+        c.problems.append(f"model.temb_dim: must be even (sin/cos pairs), got {temb}.")
+    c.int_range("model.blocks_per_level", 1)
+    c.choice("model.dtype", {"float32", "bfloat16"})
+    # diffusion
+    steps = c.int_range("diffusion.num_steps", 1)
+    c.choice("diffusion.beta_schedule", schedules.BETA_SCHEDULES)
+    c.number_range("diffusion.prior_tol", 0.0, low_open=True)
+    weights = c.get("diffusion.loss_weights")
+    if weights is not _MISSING:
+        try:
+            losses.check_loss_weights(dict(weights))
+        except UserError as e:
+            c.problems.append(str(e))
+    bin_width = c.get("diffusion.bin_width")
+    if bin_width not in (None, _MISSING) and not (_is_number(bin_width) and bin_width > 0):
+        c.problems.append(f"diffusion.bin_width: must be None (continuous data) or > 0, got {bin_width!r}.")
+    # optim
+    c.number_range("optim.lr", 0.0, low_open=True)
+    c.int_range("optim.warmup_steps", 0)
+    c.number_range("optim.final_lr_fraction", 0.0, 1.0)
+    c.number_range("optim.b1", 0.0, 1.0, high_open=True)
+    c.number_range("optim.b2", 0.0, 1.0, high_open=True)
+    c.number_range("optim.weight_decay", 0.0)
+    c.number_range("optim.grad_clip", 0.0, low_open=True)
+    c.number_range("optim.ema_decay", 0.0, 1.0, high_open=True)
+    # train
+    for field in ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "max_bad_steps"):
+        c.int_range(f"train.{field}", 1)
+    # sample / eval
+    c.choice("sample.sampler", {"ddpm", "ddim"})
+    if steps is not None:
+        c.int_range("sample.num_steps", 1, steps, hint="(at most diffusion.num_steps)")
+    c.number_range("sample.eta", 0.0)
+    c.int_range("sample.batch_size", 1)
+    knn = c.int_range("eval.knn_k", 1)
+    c.int_range("eval.num_samples", (knn or 1) + 1)
+    c.int_range("eval.evaluator_steps", 1)
+    if not c.problems:  # the schedule's own checks (prior mismatch) need sound fields
+        try:
+            objective.build_diffusion(config)
+        except UserError as e:
+            c.problems.append(str(e))
+    if c.problems:
+        raise ConfigError(f"{len(c.problems)} problem(s) in the config:\n  - " + "\n  - ".join(c.problems))
