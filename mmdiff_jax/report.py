@@ -24,6 +24,8 @@ COLUMNS = [
 
 
 def row(workdir: str) -> str:
+    if not os.path.exists(os.path.join(workdir, "eval.json")):
+        raise SystemExit(f"error: no eval.json in {workdir}: run the main job (or --mode eval) on it first.")
     with open(os.path.join(workdir, "eval.json")) as f:
         ev = json.load(f)
     with open(os.path.join(workdir, "config.json")) as f:
