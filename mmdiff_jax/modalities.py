@@ -83,6 +83,15 @@ class Modality:
     def _fail(self, msg: str) -> None:
         raise ModalityError(f"modality '{self.name}' ({self.kind}): {msg}")
 
+    def _check_class_ids(self, x: np.ndarray, expected_shape: tuple[int, ...], noun: str) -> None:
+        """Categorical data: the shape, an integer dtype, and ids in [0, num_classes)."""
+        if tuple(x.shape) != tuple(expected_shape):
+            self._fail(f"expected {noun} of shape {tuple(expected_shape)}, got {tuple(x.shape)}.")
+        if not np.issubdtype(x.dtype, np.integer):
+            self._fail(f"expected integer {noun}, got dtype {x.dtype}.")
+        if x.size and (x.min() < 0 or x.max() >= self.spec.num_classes):
+            self._fail(f"{noun} must lie in [0, {self.spec.num_classes - 1}]; got range [{x.min()}, {x.max()}].")
+
 
 class ImageModality(Modality):
     """The primary modality: images in [-1, 1], [B, H, W, C]; the latent is the image (identity encoder)."""
@@ -146,12 +155,7 @@ class LabelModality(Modality):
         return 1
 
     def check_batch(self, x: np.ndarray, batch_size: int) -> None:
-        if tuple(x.shape) != (batch_size,):
-            self._fail(f"expected labels of shape ({batch_size},), got {tuple(x.shape)}.")
-        if not np.issubdtype(x.dtype, np.integer):
-            self._fail(f"expected integer labels, got dtype {x.dtype}.")
-        if x.size and (x.min() < 0 or x.max() >= self.spec.num_classes):
-            self._fail(f"labels must lie in [0, {self.spec.num_classes - 1}]; got range [{x.min()}, {x.max()}].")
+        self._check_class_ids(x, (batch_size,), "labels")
 
     def encode(self, x: jax.Array) -> jax.Array:
         return jnp.asarray(self.codes)[x]
@@ -240,13 +244,7 @@ class MaskModality(Modality):
             self.codes = unit_rms_codes(spec.num_classes, (channels,), spec.seed)
 
     def check_batch(self, x: np.ndarray, batch_size: int) -> None:
-        expected = (batch_size,) + tuple(self.spec.shape)
-        if tuple(x.shape) != expected:
-            self._fail(f"expected masks of shape {expected}, got {tuple(x.shape)}.")
-        if not np.issubdtype(x.dtype, np.integer):
-            self._fail(f"expected integer class ids, got dtype {x.dtype}.")
-        if x.size and (x.min() < 0 or x.max() >= self.spec.num_classes):
-            self._fail(f"class ids must lie in [0, {self.spec.num_classes - 1}]; got range [{x.min()}, {x.max()}].")
+        self._check_class_ids(x, (batch_size,) + tuple(self.spec.shape), "class ids")
 
     def encode(self, x: jax.Array) -> jax.Array:
         return jnp.asarray(self.codes)[x]  # [B, H, W, C]
