@@ -56,6 +56,53 @@ def respace(betas: np.ndarray, weights: np.ndarray, num_steps: int) -> SamplingC
     return SamplingChain(sched=sched, model_t=taus.astype(np.int32))
 
 
+def make_reverse_step(
+    chain: SamplingChain,
+    predict_fn: PredictFn,
+    key: jax.Array,
+    batch_size: int,
+    latent_shape: tuple[int, ...],
+    *,
+    method: str = "ddpm",
+    eta: float = 0.0,
+    known_z0: jax.Array | None = None,
+    known_enc: jax.Array | None = None,
+    known_mask: jax.Array | None = None,
+) -> Callable[[jax.Array, jax.Array], tuple[jax.Array, Any]]:
+    """One reverse step k -> k-1 of the chain, `step(z_k, k) -> (z_{k-1}, head outputs)`; its noise is
+    `fold_in(key, k)`. `sample` scans it; anything else (a Python loop, a benchmark) can call it step by step.
+    The arguments are those of `sample`."""
+    if method not in ("ddpm", "ddim"):
+        raise UserError(f"sample.sampler: unknown sampler {method!r}; choose 'ddpm' or 'ddim'.")
+    sched = chain.sched
+    model_t = jnp.asarray(chain.model_t)
+    n = sched.num_modalities
+    if known_mask is None:
+        known_mask = jnp.zeros((n,), bool)
+    if known_enc is None:
+        known_enc = jnp.zeros((batch_size, n) + tuple(latent_shape), jnp.float32)
+    mask = jnp.asarray(known_mask).reshape((1, n) + (1,) * len(latent_shape))
+
+    def step(z, k):
+        t = jnp.full((batch_size,), k, jnp.int32)
+        eps_model, enc_model, heads = predict_fn(z, jnp.full((batch_size,), model_t[k], jnp.int32))
+        enc_hat = jnp.where(mask, known_enc, enc_model)
+        eps_hat = condition_eps(sched, t, z, eps_model, enc_model, enc_hat)
+        noise = jax.random.normal(jax.random.fold_in(key, k), z.shape, jnp.float32)
+        if known_z0 is not None:
+            mean, var = process.q_posterior(sched, t, z, known_z0, enc_hat)
+            z_next = mean + jnp.sqrt(var) * noise
+        elif method == "ddpm":
+            mean = process.p_mean(sched, t, z, eps_hat, enc_hat)
+            var = process.per_example(sched.post_var, t, z)
+            z_next = mean + jnp.sqrt(var) * noise
+        else:
+            z_next = ddim_step(sched, t, z, eps_hat, enc_hat, noise, eta)
+        return z_next, heads
+
+    return step
+
+
 def sample(
     chain: SamplingChain,
     predict_fn: PredictFn,
@@ -78,39 +125,19 @@ def sample(
     Returns:
       z_0 [B, *S] (the final mean, no noise added) and the heads' outputs at the last step (t = τ_1).
     """
-    if method not in ("ddpm", "ddim"):
-        raise UserError(f"sample.sampler: unknown sampler {method!r}; choose 'ddpm' or 'ddim'.")
-    sched = chain.sched
-    model_t = jnp.asarray(chain.model_t)
-    n = sched.num_modalities
-    if known_mask is None:
-        known_mask = jnp.zeros((n,), bool)
-    if known_enc is None:
-        known_enc = jnp.zeros((batch_size, n) + tuple(latent_shape), jnp.float32)
-    mask = jnp.asarray(known_mask).reshape((1, n) + (1,) * len(latent_shape))
     init_key, loop_key = jax.random.split(key)
+    step = make_reverse_step(chain, predict_fn, loop_key, batch_size, latent_shape, method=method, eta=eta,
+                             known_z0=known_z0, known_enc=known_enc, known_mask=known_mask)
     z_init = jax.random.normal(init_key, (batch_size,) + tuple(latent_shape), jnp.float32)
+    last = jnp.int32(chain.num_steps)
+    heads_init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(step, z_init, last)[1])
 
-    def step(z, k):
-        t = jnp.full((batch_size,), k, jnp.int32)
-        eps_model, enc_model, heads = predict_fn(z, jnp.full((batch_size,), model_t[k], jnp.int32))
-        enc_hat = jnp.where(mask, known_enc, enc_model)
-        eps_hat = condition_eps(sched, t, z, eps_model, enc_model, enc_hat)
-        noise = jax.random.normal(jax.random.fold_in(loop_key, k), z.shape, jnp.float32)
-        if known_z0 is not None:
-            mean, var = process.q_posterior(sched, t, z, known_z0, enc_hat)
-            z_next = mean + jnp.sqrt(var) * noise
-        elif method == "ddpm":
-            mean = process.p_mean(sched, t, z, eps_hat, enc_hat)
-            var = process.per_example(sched.post_var, t, z)
-            z_next = mean + jnp.sqrt(var) * noise
-        else:
-            z_next = ddim_step(sched, t, z, eps_hat, enc_hat, noise, eta)
-        return z_next, heads
+    def body(carry, k):  # carries only the latest heads, not one per step
+        z_next, heads = step(carry[0], k)
+        return (z_next, heads), None
 
-    steps = jnp.arange(sched.num_steps, 0, -1, dtype=jnp.int32)  # K .. 1
-    z0, heads = jax.lax.scan(step, z_init, steps)
-    last_heads = jax.tree.map(lambda h: h[-1], heads)
+    steps = jnp.arange(chain.num_steps, 0, -1, dtype=jnp.int32)  # K .. 1
+    (z0, last_heads), _ = jax.lax.scan(body, (z_init, heads_init), steps)
     return z0, last_heads
 
 
