@@ -40,14 +40,13 @@ def main(argv):
 
     jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
 
-    from mmdiff_jax import config_check, evaluate, sample, train
+    from mmdiff_jax import evaluate, sample, train
     from mmdiff_jax.errors import UserError
 
     config, workdir = _CONFIG.value, _WORKDIR.value
     logging.info("JAX %s: process %d/%d, devices %s", jax.__version__, jax.process_index(), jax.process_count(),
                  jax.devices())
-    try:
-        config_check.validate(config)  # before anything compiles
+    try:  # train() and load_generator() validate the whole config before anything compiles
         if _MODE.value == "train":
             train.train(config, workdir)
             if _EVAL_AFTER_TRAIN.value:

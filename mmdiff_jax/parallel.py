@@ -28,15 +28,6 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P("data"))
 
 
-def check_global_batch(global_batch_size: int, mesh: Mesh) -> None:
-    n = mesh.devices.size
-    if global_batch_size % n:
-        raise UserError(
-            f"data.global_batch_size={global_batch_size} is not divisible by the {n} devices of the mesh; use a "
-            f"multiple of {n} (e.g. {max(n, global_batch_size // n * n)})."
-        )
-
-
 def to_global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """This process's rows -> global arrays sharded on 'data'."""
     sharding = batch_sharding(mesh)

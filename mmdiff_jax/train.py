@@ -173,7 +173,6 @@ def train(config, workdir: str, num_steps: int | None = None) -> TrainState:
     stop_at = total_steps if num_steps is None else num_steps
     diff = objective.build_diffusion(config)
     mesh = parallel.make_mesh(config.mesh.data)
-    parallel.check_global_batch(config.data.global_batch_size, mesh)
     train_source = sources.get_source(config.data.source, "train", **dict(config.data.source_kwargs))
     data_iter = pipeline.train_iterator(
         train_source, config.data.global_batch_size, config.data.shuffle_seed,

@@ -8,11 +8,9 @@ on P processes identical for the same seed.
 from __future__ import annotations
 
 import grain
-import numpy as np
-
-from mmdiff_jax.errors import UserError
 
 from mmdiff_jax.data.sources import ArraySource
+from mmdiff_jax.errors import UserError
 
 
 class _ProcessRows(grain.transforms.Map):
@@ -42,15 +40,3 @@ def train_iterator(source: ArraySource, global_batch_size: int, seed: int, proce
         .map(_ProcessRows(process_index, process_count))
     )
     return iter(ds.to_iter_dataset())
-
-
-def eval_batches(source: ArraySource, batch_size: int):
-    """Deterministic pass over a source in order; the last batch is padded, with a 'valid' mask [B]."""
-    n = len(source)
-    for start in range(0, n, batch_size):
-        idx = np.arange(start, start + batch_size)
-        valid = idx < n
-        idx = np.minimum(idx, n - 1)
-        batch = {k: v[idx] for k, v in source.arrays.items()}
-        batch["valid"] = valid
-        yield batch
