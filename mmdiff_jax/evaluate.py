@@ -1,4 +1,5 @@
-"""`--mode eval`: every metric the config's modalities call for, written to `workdir/eval.json`, plus PNG grids.
+"""`--mode eval`: every metric the config's modalities call for, written to `workdir/eval.json`, and the samples
+behind them (`samples/*.npz` with PNG grids, as `--mode sample` writes them).
 
 Images: Fréchet distance and improved precision/recall in the evaluator's feature space against the held-out real
 images (with the train-vs-held-out distance as the floor). Labels: agreement between each jointly generated label and
@@ -19,7 +20,7 @@ from absl import logging
 from mmdiff_jax import sample as sample_lib
 from mmdiff_jax.data import sources
 from mmdiff_jax.evaluation import evaluator as evaluator_lib
-from mmdiff_jax.evaluation import feature_metrics, grids
+from mmdiff_jax.evaluation import feature_metrics
 
 
 def evaluate(config, workdir: str) -> dict:
@@ -58,10 +59,8 @@ def evaluate(config, workdir: str) -> dict:
     }
     counts = np.bincount(read, minlength=num_classes)
     results["image/min_class_fraction_evaluator"] = float(counts.min() / n)
-    captions = None
     for m in label_mods:
         labels = joint[m.name]
-        captions = [str(int(v)) for v in labels]
         results[f"{m.name}/agreement"] = float(np.mean(labels == read))
         results[f"{m.name}/min_class_fraction"] = float(np.bincount(labels, minlength=num_classes).min() / n)
         # image -> label on held-out real images
@@ -73,11 +72,8 @@ def evaluate(config, workdir: str) -> dict:
         cond = gen.generate(jax.random.fold_in(key, 2), n, given={m.name: wanted})
         cond_read, _ = ev(cond[image_name])
         results[f"{m.name}/label_to_image_accuracy"] = float(np.mean(cond_read == wanted))
-        order = np.argsort(wanted[:100], kind="stable")
-        grids.save_grid(os.path.join(out_dir, f"{m.name}_to_image.png"), cond[image_name][:100][order],
-                        [str(int(v)) for v in wanted[:100][order]])
-    grids.save_grid(os.path.join(out_dir, "joint.png"), joint[image_name][:100], captions[:100] if captions else None)
-    np.savez(os.path.join(out_dir, "joint.npz"), **joint)
+        sample_lib.write_samples(out_dir, f"{m.name}_to_image", cond, gen, sort_grid_by_label=True)
+    sample_lib.write_samples(out_dir, "joint", joint, gen)
     results["eval_seconds"] = time.perf_counter() - start
     with open(os.path.join(workdir, "eval.json"), "w") as f:
         json.dump(results, f, indent=2)

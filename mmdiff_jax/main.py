@@ -1,4 +1,4 @@
-"""The main job: trains (resuming automatically), then evaluates and samples.
+"""The main job: trains (resuming automatically), then evaluates, writing the metrics and the samples behind them.
 
     python -m mmdiff_jax.main --config configs/digits_image_label.py --workdir runs/digits [--mode train|eval|sample]
     [--config.train.num_steps=1000 ...]
@@ -16,9 +16,10 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, samples and eval results.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"],
-                          "train: train (resume if possible), then evaluate and sample; eval: metrics + grids of the "
-                          "latest checkpoint; sample: .npz + PNG samples of the latest checkpoint.")
-_EVAL_AFTER_TRAIN = flags.DEFINE_bool("eval_after_train", True, "In --mode train, evaluate and sample when done.")
+                          "train: train (resume if possible), then eval; eval: metrics of the latest checkpoint plus "
+                          "the samples behind them (.npz + PNG); sample: a small set of .npz + PNG samples only.")
+_EVAL_AFTER_TRAIN = flags.DEFINE_bool("eval_after_train", True,
+                                      "In --mode train, evaluate (and write samples) when done.")
 _CPU_DEVICES = flags.DEFINE_integer(
     "cpu_devices", len(os.sched_getaffinity(0)),
     "CPU devices to expose when running on CPU (default: one per core; the batch is split across them, which uses "
@@ -49,9 +50,8 @@ def main(argv):
     try:  # train() and load_generator() validate the whole config before anything compiles
         if _MODE.value == "train":
             train.train(config, workdir)
-            if _EVAL_AFTER_TRAIN.value:
+            if _EVAL_AFTER_TRAIN.value:  # eval writes the samples too: no second restore and compile
                 evaluate.evaluate(config, workdir)
-                sample.sample(config, workdir)
         elif _MODE.value == "eval":
             evaluate.evaluate(config, workdir)
         else:

@@ -118,22 +118,29 @@ def sample(config, workdir: str) -> dict[str, str]:
     key = jax.random.key(config.sample.seed)
     written = {}
     joint = gen.generate(jax.random.fold_in(key, 0), 100)
-    written["joint"] = _write(out_dir, "joint", joint, gen)
+    written["joint"] = write_samples(out_dir, "joint", joint, gen)
     for m in gen.diff.modalities.aux:
         if m.kind == "label":
             labels = np.repeat(np.arange(m.spec.num_classes, dtype=np.int32), 10)
             cond = gen.generate(jax.random.fold_in(key, 1), len(labels), given={m.name: labels})
-            written[f"{m.name}_to_image"] = _write(out_dir, f"{m.name}_to_image", cond, gen)
+            written[f"{m.name}_to_image"] = write_samples(out_dir, f"{m.name}_to_image", cond, gen,
+                                                          sort_grid_by_label=True)
     return written
 
 
-def _write(out_dir: str, name: str, data: Mapping[str, np.ndarray], gen: Generator) -> str:
+def write_samples(out_dir: str, name: str, data: Mapping[str, np.ndarray], gen: Generator,
+                  sort_grid_by_label: bool = False, grid_count: int = 100) -> str:
+    """All of `data` to `<name>.npz`; the first `grid_count` images to `<name>.png`, captioned with (and optionally
+    ordered by) the first label modality. Returns the .npz path."""
     path = os.path.join(out_dir, f"{name}.npz")
     np.savez(path, **data)
     mods = gen.diff.modalities
+    images = data[mods.primary.name][:grid_count]
     captions = None
     label_mods = [m for m in mods.aux if m.kind == "label"]
     if label_mods:
-        captions = [str(int(v)) for v in data[label_mods[0].name]]
-    grids.save_grid(os.path.join(out_dir, f"{name}.png"), data[mods.primary.name], captions)
+        labels = data[label_mods[0].name][:grid_count]
+        order = np.argsort(labels, kind="stable") if sort_grid_by_label else np.arange(len(labels))
+        images, captions = images[order], [str(int(v)) for v in labels[order]]
+    grids.save_grid(os.path.join(out_dir, f"{name}.png"), images, captions)
     return path
