@@ -17,6 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from mmdiff_jax import parallel
 from mmdiff_jax.errors import UserError
 
 
@@ -28,6 +29,11 @@ def signature(tree: Any) -> dict[str, list[int]]:
     """{'path/to/leaf': shape} of a pytree (used to recognize a checkpoint of another model shape)."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
     return {jax.tree_util.keystr(path): list(np.shape(leaf)) for path, leaf in flat}
+
+
+def abstract(state: Any, shardings: Any) -> Any:
+    """A restore target: the shapes and dtypes of `state`, placed with `shardings` (resharding on restore)."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), state, shardings)
 
 
 class Checkpointer:
@@ -105,9 +111,13 @@ class Checkpointer:
         return os.path.join(os.path.dirname(self.directory), "corrupt_checkpoints")
 
     def _quarantine(self, step: int) -> str:
-        os.makedirs(self.quarantine_dir, exist_ok=True)
+        """Move a bad step aside (process 0 moves it; every process waits for the move, then re-lists)."""
         target = os.path.join(self.quarantine_dir, f"{step}-{int(time.time())}")
-        shutil.move(os.path.join(self.directory, str(step)), target)
+        parallel.sync(f"quarantine-{step}-read")
+        if parallel.is_main_process():
+            os.makedirs(self.quarantine_dir, exist_ok=True)
+            shutil.move(os.path.join(self.directory, str(step)), target)
+        parallel.sync(f"quarantine-{step}-moved")
         self.manager.reload()
         return target
 

@@ -54,7 +54,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.train.max_bad_steps = 10  # consecutive non-finite (skipped) steps that stop the run; checked at log steps
 
     c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = -1  # data-parallel devices (-1 = all)
+    c.mesh.data = -1  # data-parallel groups of devices (-1 = all devices / fsdp)
+    c.mesh.fsdp = 1  # devices each parameter and optimizer moment is sharded over (1 = replicated)
 
     c.sample = ml_collections.ConfigDict()
     c.sample.sampler = "ddpm"  # ddpm (ancestral) | ddim

@@ -116,18 +116,23 @@ def validate(config, device_count: int | None = None, process_count: int | None 
     batch = c.int_range("data.global_batch_size", 1)
     c.int_range("data.shuffle_seed", 0)
     # mesh
-    mesh_data = c.get("mesh.data")
-    if mesh_data is _MISSING:
-        mesh_devices = None
-    elif not (_is_int(mesh_data) and (mesh_data == -1 or 1 <= mesh_data <= device_count)):
-        c.problems.append(f"mesh.data: must be -1 (all devices) or in [1, {device_count}], got {mesh_data!r}.")
-        mesh_devices = None
-    else:
-        mesh_devices = device_count if mesh_data == -1 else mesh_data
+    mesh_data, fsdp = c.get("mesh.data"), c.get("mesh.fsdp")
+    mesh_devices = None
+    if fsdp is not _MISSING and not (_is_int(fsdp) and fsdp >= 1 and device_count % fsdp == 0):
+        c.problems.append(f"mesh.fsdp: must be an integer >= 1 that divides the {device_count} devices, got {fsdp!r}.")
+    elif mesh_data is not _MISSING:
+        fsdp = 1 if fsdp is _MISSING else fsdp
+        if not (_is_int(mesh_data) and (mesh_data == -1 or 1 <= mesh_data * fsdp <= device_count)):
+            c.problems.append(f"mesh.data: must be -1 (all devices) or in [1, {device_count // fsdp}] (devices / "
+                              f"mesh.fsdp={fsdp}), got {mesh_data!r}.")
+        elif process_count > 1 and mesh_data != -1 and mesh_data * fsdp != device_count:
+            c.problems.append(f"mesh.data: {process_count} processes must use all {device_count} devices; use -1.")
+        else:
+            mesh_devices = device_count if mesh_data == -1 else mesh_data * fsdp
     if batch is not None and mesh_devices and batch % mesh_devices:
         c.problems.append(
-            f"data.global_batch_size: {batch} is not divisible by the {mesh_devices} devices of the mesh; use a "
-            f"multiple of {mesh_devices}.")
+            f"data.global_batch_size: {batch} is not divisible by the {mesh_devices} devices of the mesh "
+            f"(mesh.data x mesh.fsdp); use a multiple of {mesh_devices}.")
     if batch is not None and batch % process_count:
         c.problems.append(f"data.global_batch_size: {batch} is not divisible by the {process_count} processes.")
     # model

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from mmdiff_jax import parallel
 from mmdiff_jax import sample as sample_lib
 from mmdiff_jax.data import sources
 from mmdiff_jax.evaluation import evaluator as evaluator_lib
@@ -75,7 +76,8 @@ def evaluate(config, workdir: str) -> dict:
         sample_lib.write_samples(out_dir, f"{m.name}_to_image", cond, gen, sort_grid_by_label=True)
     sample_lib.write_samples(out_dir, "joint", joint, gen)
     results["eval_seconds"] = time.perf_counter() - start
-    with open(os.path.join(workdir, "eval.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    if parallel.is_main_process():
+        with open(os.path.join(workdir, "eval.json"), "w") as f:
+            json.dump(results, f, indent=2)
     logging.info("Evaluation: %s", json.dumps(results, indent=2))
     return results

@@ -24,6 +24,14 @@ _CPU_DEVICES = flags.DEFINE_integer(
     "cpu_devices", len(os.sched_getaffinity(0)),
     "CPU devices to expose when running on CPU (default: one per core; the batch is split across them, which uses "
     "every core). Ignored on GPU/TPU.")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "on", "off"],
+    "Multi-process runs through jax.distributed. auto: start it when a coordinator is given (flag or "
+    "JAX_COORDINATOR_ADDRESS) or a multi-process SLURM / Cloud TPU pod / Open MPI launch is detected; on: always "
+    "(JAX detects the rest); off: never.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, --num_processes).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -41,8 +49,15 @@ def main(argv):
 
     jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
 
-    from mmdiff_jax import evaluate, sample, train
+    from mmdiff_jax import evaluate, parallel, sample, train
     from mmdiff_jax.errors import UserError
+
+    try:
+        parallel.initialize_distributed(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
+                                        _PROCESS_ID.value)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
     config, workdir = _CONFIG.value, _WORKDIR.value
     logging.info("JAX %s: process %d/%d, devices %s", jax.__version__, jax.process_index(), jax.process_count(),

@@ -14,7 +14,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from mmdiff_jax import checkpointing, config_check, objective, train
+from mmdiff_jax import checkpointing, config_check, objective, parallel, train
 from mmdiff_jax.diffusion import samplers
 from mmdiff_jax.errors import UserError
 from mmdiff_jax.evaluation import grids
@@ -133,6 +133,8 @@ def write_samples(out_dir: str, name: str, data: Mapping[str, np.ndarray], gen: 
     """All of `data` to `<name>.npz`; the first `grid_count` images to `<name>.png`, captioned with (and optionally
     ordered by) the first label modality. Returns the .npz path."""
     path = os.path.join(out_dir, f"{name}.npz")
+    if not parallel.is_main_process():  # every process computes the same samples; process 0 writes them
+        return path
     np.savez(path, **data)
     mods = gen.diff.modalities
     images = data[mods.primary.name][:grid_count]

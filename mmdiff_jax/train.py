@@ -113,12 +113,23 @@ def make_train_step(graphdef, diff: objective.Diffusion, tx, ema_decay: float):
     return train_step
 
 
+def state_shardings(state: TrainState, mesh) -> TrainState:
+    """Where each leaf of the train state lives: params, EMA and optimizer moments sharded over 'fsdp' (replicated
+    when mesh.fsdp == 1); step, RNG and counters replicated."""
+    rep = parallel.replicated(mesh)
+    return TrainState(
+        step=rep, params=parallel.shard_like_params(state.params, mesh),
+        ema_params=parallel.shard_like_params(state.ema_params, mesh),
+        opt_state=parallel.shard_like_params(state.opt_state, mesh), rng=rep, skipped=rep, bad_streak=rep,
+    )
+
+
 def jit_train_step(graphdef, diff, tx, ema_decay, mesh, state_example):
-    state_sharding = jax.tree.map(lambda _: parallel.replicated(mesh), state_example)
+    shardings = state_shardings(state_example, mesh)
     return jax.jit(
         make_train_step(graphdef, diff, tx, ema_decay),
-        in_shardings=(state_sharding, parallel.batch_sharding(mesh)),
-        out_shardings=(state_sharding, parallel.replicated(mesh)),
+        in_shardings=(shardings, parallel.batch_sharding(mesh)),
+        out_shardings=(shardings, parallel.replicated(mesh)),
         donate_argnums=(0,),
     )
 
@@ -130,7 +141,8 @@ def model_meta(config, state) -> dict:
 
 class _Preemption:
     """Turns SIGTERM and the first SIGINT into a flag the loop polls: it saves a checkpoint and stops cleanly.
-    A second SIGINT gets Python's default behaviour (KeyboardInterrupt)."""
+    A second SIGINT gets Python's default behaviour (KeyboardInterrupt). With several processes, they agree at the
+    next log step (see `agreed`)."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -153,6 +165,18 @@ class _Preemption:
         if signum == signal.SIGINT:
             signal.signal(signal.SIGINT, signal.default_int_handler)
 
+    def agreed(self, at_sync_point: bool) -> bool:
+        """Whether every process stops now. One process stops at once; several agree at sync points only (log
+        steps), so that all of them save the same step's checkpoint together."""
+        if jax.process_count() == 1:
+            return self.requested is not None
+        if not at_sync_point:
+            return False
+        if parallel.any_process(self.requested is not None):
+            self.requested = self.requested or "a signal to another process"
+            return True
+        return False
+
     def __exit__(self, *exc):
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
@@ -164,7 +188,7 @@ def train(config, workdir: str, num_steps: int | None = None) -> TrainState:
     Args:
       num_steps: stop after this global step instead (for resume tests); the LR schedule still uses the config's.
     Returns:
-      The final TrainState (replicated on the mesh).
+      The final TrainState, on the mesh (see `state_shardings`).
     """
     start_time = time.perf_counter()
     config_check.validate(config)
@@ -172,37 +196,39 @@ def train(config, workdir: str, num_steps: int | None = None) -> TrainState:
     total_steps = config.train.num_steps
     stop_at = total_steps if num_steps is None else num_steps
     diff = objective.build_diffusion(config)
-    mesh = parallel.make_mesh(config.mesh.data)
+    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+    block, num_blocks = parallel.batch_rows(mesh, config.data.global_batch_size)
     train_source = sources.get_source(config.data.source, "train", **dict(config.data.source_kwargs))
     data_iter = pipeline.train_iterator(
-        train_source, config.data.global_batch_size, config.data.shuffle_seed,
-        jax.process_index(), jax.process_count(),
-    )
+        train_source, config.data.global_batch_size, config.data.shuffle_seed, block, num_blocks)
     graphdef, params = create_model(config, diff)
     tx = make_optimizer(config.optim, total_steps)
     state = initial_state(config, params, tx)
     meta = model_meta(config, state)
+    shardings = state_shardings(state, mesh)
     ckpt = checkpointing.Checkpointer(workdir, config.train.keep_checkpoints)
-    restored = ckpt.restore_latest(state, meta)
+    # Restored straight into this run's shardings: a checkpoint from any process count or mesh reshards on load.
+    restored = ckpt.restore_latest(checkpointing.abstract(state, shardings), meta)
     if restored is not None:
         state, data_state, latest = restored
         data_iter.set_state(data_state)
         logging.info("Resuming from step %d", latest)
     else:
         logging.info("No checkpoint in %s: training from scratch", ckpt.directory)
+        state = parallel.put(state, shardings)
     if parallel.is_main_process():
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
-    state = parallel.replicate(state, mesh)
     step_fn = jit_train_step(graphdef, diff, tx, config.optim.ema_decay, mesh, state)
     writer = MetricWriter(workdir, stop_at)
     n_params = sum(x.size for x in jax.tree.leaves(params))
     logging.info("Model: %d parameters; %s; mesh %s", n_params, objective.describe(diff), dict(mesh.shape))
     step = int(state.step)
-    local_batch_size = config.data.global_batch_size // jax.process_count()
+    local_batch_size = config.data.global_batch_size // num_blocks
     checked = False
     skipped_seen = int(state.skipped)
     writer.progress(step, {})
+    stop_now = False
     with parallel.set_mesh(mesh), _Preemption() as preempt:
         while step < stop_at:
             local = next(data_iter)
@@ -211,7 +237,8 @@ def train(config, workdir: str, num_steps: int | None = None) -> TrainState:
                 checked = True
             state, metrics = step_fn(state, parallel.to_global_batch(local, mesh))
             step += 1
-            if step % config.train.log_every == 0 or step == stop_at:
+            at_log_step = step % config.train.log_every == 0 or step == stop_at
+            if at_log_step:
                 metrics = jax.device_get(metrics)
                 metrics.update(writer.progress(step, metrics))
                 writer.write(step, metrics)
@@ -226,16 +253,17 @@ def train(config, workdir: str, num_steps: int | None = None) -> TrainState:
                 if metrics["skipped_steps"] > skipped_seen:
                     skipped_seen = int(metrics["skipped_steps"])
                     logging.warning("%d step(s) skipped so far for a non-finite loss or gradient.", skipped_seen)
-            if step % config.train.checkpoint_every == 0 or step == stop_at or preempt.requested:
+            stop_now = preempt.agreed(at_log_step)
+            if step % config.train.checkpoint_every == 0 or step == stop_at or stop_now:
                 ckpt.save(step, state, data_iter.get_state(), meta)
-            if preempt.requested:
+            if stop_now:
                 break
     ckpt.wait()
     seconds = time.perf_counter() - start_time
     logging.info("Trained to step %d in %.1f s", step, seconds)
     if parallel.is_main_process():
         _add_train_time(workdir, step, seconds)
-    if preempt.requested:
+    if stop_now:
         raise Preempted(f"{preempt.requested} at step {step}: checkpoint saved in {ckpt.directory}; rerun the same "
                         "command to resume.")
     return state

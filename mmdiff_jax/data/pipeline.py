@@ -1,8 +1,11 @@
-"""grain pipelines: an infinite, shuffled, checkpointable stream of global batches; each process keeps its rows.
+"""grain pipelines: an infinite, shuffled, checkpointable stream of global batches; each process reads only its rows.
 
-Every process builds the same global batch order (seeded shuffle, repeat, batch of the global size) and keeps rows
-[p * B/P, (p+1) * B/P): the global batch is then the same for any process count, which makes runs on 1 process and
-on P processes identical for the same seed.
+Every process defines the same global order (seeded shuffle, then repeat) cut into global batches of B examples.
+A process that holds block b of P equal blocks of the batch (`parallel.batch_rows`) reads only the examples of rows
+[b * B/P, (b+1) * B/P) of each global batch: the stream is cut into local batches of B/P and the process takes
+every P-th, starting at b (a lazy slice of a grain MapDataset: the other rows are never read). The global batch is
+thus the same for any process count, so runs on 1 and on P processes are identical for the same seed, and the
+iterator state (the global batch index) restores under any process count.
 """
 
 from __future__ import annotations
@@ -13,30 +16,20 @@ from mmdiff_jax.data.sources import ArraySource
 from mmdiff_jax.errors import UserError
 
 
-class _ProcessRows(grain.transforms.Map):
-    def __init__(self, process_index: int, process_count: int):
-        self.process_index, self.process_count = process_index, process_count
-
-    def map(self, batch):
-        def rows(x):
-            n = x.shape[0] // self.process_count
-            return x[self.process_index * n: (self.process_index + 1) * n]
-        return {k: rows(v) for k, v in batch.items()}
-
-
-def train_iterator(source: ArraySource, global_batch_size: int, seed: int, process_index: int = 0,
-                   process_count: int = 1) -> grain.DatasetIterator:
-    """Infinite iterator of this process's share of each global batch; `get_state()`/`set_state()` resume it."""
-    if global_batch_size % process_count:
-        raise UserError(f"data.global_batch_size={global_batch_size} is not divisible by the {process_count} processes.")
+def train_iterator(source: ArraySource, global_batch_size: int, seed: int, block_index: int = 0,
+                   block_count: int = 1) -> grain.DatasetIterator:
+    """Infinite iterator of this process's block of each global batch; `get_state()`/`set_state()` resume it."""
+    if global_batch_size % block_count:
+        raise UserError(f"data.global_batch_size={global_batch_size} is not divisible by the {block_count} "
+                        "processes' shares of the batch.")
     if len(source) < global_batch_size:
         raise UserError(f"data.global_batch_size={global_batch_size} exceeds the {len(source)} training examples.")
+    local = global_batch_size // block_count
     ds = (
         grain.MapDataset.source(source)
         .seed(seed)
         .shuffle()
         .repeat(None)
-        .batch(global_batch_size, drop_remainder=True)
-        .map(_ProcessRows(process_index, process_count))
-    )
+        .batch(local, drop_remainder=True)
+    )[block_index::block_count]
     return iter(ds.to_iter_dataset())

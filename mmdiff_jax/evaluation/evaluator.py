@@ -99,8 +99,11 @@ def get_evaluator(cache_dir: str, train_images, train_labels, test_images, test_
     preds, _ = ev(test_images)
     ev.test_accuracy = float(np.mean(preds == test_labels))
     logging.info("Evaluator trained for %d steps: held-out accuracy %.4f", steps, ev.test_accuracy)
-    os.makedirs(cache_dir, exist_ok=True)
-    np.savez(weights_path, **_flatten(params))
-    with open(meta_path, "w") as f:
-        json.dump({"steps": steps, "test_accuracy": ev.test_accuracy}, f)
+    if jax.process_index() == 0:  # every process trains the same evaluator; one writes the cache, atomically
+        os.makedirs(cache_dir, exist_ok=True)
+        np.savez(weights_path + ".tmp.npz", **_flatten(params))
+        with open(meta_path + ".tmp", "w") as f:
+            json.dump({"steps": steps, "test_accuracy": ev.test_accuracy}, f)
+        os.replace(weights_path + ".tmp.npz", weights_path)
+        os.replace(meta_path + ".tmp", meta_path)
     return ev
