@@ -34,6 +34,7 @@ def get_config(preset: str = "", with_label: bool = True):
     c.train.checkpoint_every = 1000
     c.sample.sampler = "ddim"  # eta 0: 50 steps keep the 28x28 evaluation within minutes on the CPU
     c.sample.num_steps = 50
+    c.sample.clip_z0 = True
     c.sample.batch_size = 250
     c.eval.num_samples = 500
     c.eval.evaluator_steps = 1500

@@ -2,6 +2,7 @@
 
     python -m mmdiff_jax.main --config configs/tiny.py --workdir /tmp/tiny            # 6 steps: plumbing only
     python -m mmdiff_jax.main --config configs/tiny.py:learns --workdir /tmp/learns   # 600 steps: learns the digits
+    python -m mmdiff_jax.main --config configs/tiny.py:mask --workdir /tmp/mask       # image + mask on shapes
 """
 
 from mmdiff_jax import config_base
@@ -35,6 +36,26 @@ def get_config(preset: str = ""):
         c.sample.batch_size = 200
         c.eval.num_samples = 200
         c.eval.evaluator_steps = 400
+    elif preset == "mask":  # image + segmentation mask on 8x8 procedural shapes (no label)
+        del c.modalities["label"]
+        c.modalities.mask = dict(kind="mask", shape=(8, 8), num_classes=4, weight_schedule="profile",
+                                 weight_scale=1.0, loss_weight=1.0)
+        c.data.source = "shapes"
+        c.data.source_kwargs = {"size": 8, "num_train": 256, "num_test": 64, "seed": 0}
+        c.optim.lr = 3e-3
+        c.train.num_steps = 40
+        c.train.log_every = 1
+        c.train.checkpoint_every = 40
+    elif preset == "vector":  # image + evaluator embedding on the digits
+        del c.modalities["label"]
+        c.modalities.embedding = dict(kind="vector", shape=(128,), weight_schedule="profile", weight_scale=1.0,
+                                      loss_weight=1.0)
+        c.data.vectors = {"embedding": "evaluator"}
+        c.optim.lr = 3e-3
+        c.train.num_steps = 40
+        c.train.log_every = 1
+        c.train.checkpoint_every = 40
+        c.eval.evaluator_steps = 100
     elif preset:
-        raise ValueError(f"configs/tiny.py: unknown preset {preset!r}; use '' or 'learns'.")
+        raise ValueError(f"configs/tiny.py: unknown preset {preset!r}; use '', 'learns', 'mask' or 'vector'.")
     return c

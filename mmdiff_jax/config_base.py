@@ -21,6 +21,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.data.source_kwargs = ml_collections.ConfigDict({"test_fraction": 0.2, "seed": 0})
     c.data.global_batch_size = 128  # across all devices and processes
     c.data.shuffle_seed = 0
+    c.data.vectors = ml_collections.ConfigDict()  # vector modality name -> "evaluator" | path of an .npz (data/vectors.py)
 
     c.model = ml_collections.ConfigDict()
     c.model.channels = (32, 48)  # U-Net width per resolution level
@@ -61,6 +62,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.sample.sampler = "ddpm"  # ddpm (ancestral) | ddim
     c.sample.num_steps = 250  # respaced steps (<= diffusion.num_steps)
     c.sample.eta = 0.0  # DDIM noise
+    c.sample.clip_z0 = False  # clip each step's predicted z_0 to [-1, 1] (helps short or few-step runs)
     c.sample.batch_size = 500
     c.sample.seed = 1
 

@@ -115,6 +115,15 @@ def validate(config, device_count: int | None = None, process_count: int | None 
     c.choice("data.source", sources.SOURCES)
     batch = c.int_range("data.global_batch_size", 1)
     c.int_range("data.shuffle_seed", 0)
+    vector_sources = c.get("data.vectors")
+    if vector_sources not in (_MISSING, None):
+        kinds = {n: dict(m).get("kind") for n, m in config.modalities.items()} if "modalities" in config else {}
+        for name, where in dict(vector_sources).items():
+            if kinds.get(name) != "vector":
+                c.problems.append(f"data.vectors.{name}: {name!r} is not a vector modality; the vector modalities "
+                                  f"are {sorted(n for n, k in kinds.items() if k == 'vector')}.")
+            elif not (where == "evaluator" or (isinstance(where, str) and where.endswith(".npz"))):
+                c.problems.append(f"data.vectors.{name}: use 'evaluator' or the path of an .npz, got {where!r}.")
     # mesh
     mesh_data, fsdp = c.get("mesh.data"), c.get("mesh.fsdp")
     mesh_devices = None
@@ -187,6 +196,7 @@ def validate(config, device_count: int | None = None, process_count: int | None 
     if steps is not None:
         c.int_range("sample.num_steps", 1, steps, hint="(at most diffusion.num_steps)")
     c.number_range("sample.eta", 0.0)
+    c.choice("sample.clip_z0", {True, False})
     c.int_range("sample.batch_size", 1)
     knn = c.int_range("eval.knn_k", 1)
     c.int_range("eval.num_samples", (knn or 1) + 1)

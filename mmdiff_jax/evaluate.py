@@ -1,10 +1,13 @@
 """`--mode eval`: every metric the config's modalities call for, written to `workdir/eval.json`, and the samples
 behind them (`samples/*.npz` with PNG grids, as `--mode sample` writes them).
 
-Images: Fréchet distance and improved precision/recall in the evaluator's feature space against the held-out real
-images (with the train-vs-held-out distance as the floor). Labels: agreement between each jointly generated label and
-the evaluator's reading of its generated image; the share of the rarest class; image -> label accuracy of the model
-on held-out real images; label -> image accuracy (the evaluator reads the requested class).
+Images (when the data has class labels to train the evaluator on): Fréchet distance and improved precision/recall in
+the evaluator's feature space against the held-out real images (with the train-vs-held-out distance as the floor).
+Labels: agreement between each jointly generated label and the evaluator's reading of its generated image; the share
+of the rarest class; image -> label accuracy of the model on held-out real images; label -> image accuracy (the
+evaluator reads the requested class). Masks: image -> mask mIoU and pixel accuracy on held-out images; consistency
+of joint samples (mIoU between the generated mask and the model's mask for the generated image). Vectors (evaluator
+embeddings): cosine similarity between each generated embedding and the embedding of its generated image.
 """
 
 from __future__ import annotations
@@ -19,9 +22,9 @@ from absl import logging
 
 from mmdiff_jax import parallel
 from mmdiff_jax import sample as sample_lib
-from mmdiff_jax.data import sources
+from mmdiff_jax.data import sources, vectors
 from mmdiff_jax.evaluation import evaluator as evaluator_lib
-from mmdiff_jax.evaluation import feature_metrics
+from mmdiff_jax.evaluation import feature_metrics, segmentation
 
 
 def evaluate(config, workdir: str) -> dict:
@@ -30,50 +33,29 @@ def evaluate(config, workdir: str) -> dict:
     kwargs = dict(config.data.source_kwargs)
     train_src = sources.get_source(config.data.source, "train", **kwargs)
     test_src = sources.get_source(config.data.source, "test", **kwargs)
-    mods = gen.diff.modalities
-    image_name = mods.primary.name
-    label_mods = [m for m in mods.aux if m.kind == "label"]
-    num_classes = int(train_src.arrays["label"].max()) + 1
-    ev = evaluator_lib.get_evaluator(
-        os.path.join(workdir, "evaluator"), train_src.arrays[image_name], train_src.arrays["label"],
-        test_src.arrays[image_name], test_src.arrays["label"], num_classes, config.eval.evaluator_steps,
-    )
     key = jax.random.key(config.sample.seed)
     n = config.eval.num_samples
     out_dir = os.path.join(workdir, "samples")
     os.makedirs(out_dir, exist_ok=True)
 
     joint = gen.generate(jax.random.fold_in(key, 0), n)
-    read, fake_feats = ev(joint[image_name])
-    _, real_feats = ev(test_src.arrays[image_name])
-    _, train_feats = ev(train_src.arrays[image_name])
-    precision, recall = feature_metrics.precision_recall(real_feats, fake_feats, config.eval.knn_k)
     results = {
         "step": gen.step,
         "num_samples": n,
         "sampler": f"{config.sample.sampler} {config.sample.num_steps} steps (eta {config.sample.eta}), EMA params",
-        "evaluator_test_accuracy": ev.test_accuracy,
-        "image/frechet_distance": feature_metrics.frechet_distance(real_feats, fake_feats),
-        "image/precision": precision,
-        "image/recall": recall,
-        "reference/frechet_distance_train_vs_test": feature_metrics.frechet_distance(real_feats, train_feats),
     }
-    counts = np.bincount(read, minlength=num_classes)
-    results["image/min_class_fraction_evaluator"] = float(counts.min() / n)
-    for m in label_mods:
-        labels = joint[m.name]
-        results[f"{m.name}/agreement"] = float(np.mean(labels == read))
-        results[f"{m.name}/min_class_fraction"] = float(np.bincount(labels, minlength=num_classes).min() / n)
-        # image -> label on held-out real images
-        given = {image_name: test_src.arrays[image_name]}
-        pred = gen.generate(jax.random.fold_in(key, 1), len(test_src), given=given)[m.name]
-        results[f"{m.name}/image_to_label_accuracy"] = float(np.mean(pred == test_src.arrays[m.name]))
-        # label -> image: does the evaluator read the requested class?
-        wanted = np.arange(n, dtype=np.int32) % num_classes
-        cond = gen.generate(jax.random.fold_in(key, 2), n, given={m.name: wanted})
-        cond_read, _ = ev(cond[image_name])
-        results[f"{m.name}/label_to_image_accuracy"] = float(np.mean(cond_read == wanted))
-        sample_lib.write_samples(out_dir, f"{m.name}_to_image", cond, gen, sort_grid_by_label=True)
+    ev = read = None
+    if "label" in train_src.arrays:  # an evaluator can be trained: image quality in its feature space
+        ev = evaluator_lib.for_config(config, workdir)
+        image_results, read = _image_metrics(config, ev, gen, train_src, test_src, joint)
+        results.update(image_results)
+    for m in gen.diff.modalities.aux:
+        if m.kind == "label":
+            results.update(_label_metrics(gen, m, key, test_src, joint, ev, read, out_dir))
+        elif m.kind == "mask":
+            results.update(_mask_metrics(gen, m, key, test_src, joint))
+        elif m.kind == "vector" and vectors.origin(config, m.name) == vectors.EVALUATOR:
+            results.update(_vector_metrics(config, workdir, m, joint))
     sample_lib.write_samples(out_dir, "joint", joint, gen)
     results["eval_seconds"] = time.perf_counter() - start
     if parallel.is_main_process():
@@ -81,3 +63,79 @@ def evaluate(config, workdir: str) -> dict:
             json.dump(results, f, indent=2)
     logging.info("Evaluation: %s", json.dumps(results, indent=2))
     return results
+
+
+def _image_metrics(config, ev, gen, train_src, test_src, joint) -> tuple[dict, np.ndarray]:
+    """Fréchet distance, precision/recall against held-out images, the evaluator's class balance of the samples.
+    Returns (metrics, the evaluator's reading of each joint sample)."""
+    image_name = gen.diff.modalities.primary.name
+    num_classes = int(train_src.arrays["label"].max()) + 1
+    self_read, fake_feats = ev(joint[image_name])
+    _, real_feats = ev(test_src.arrays[image_name])
+    _, train_feats = ev(train_src.arrays[image_name])
+    precision, recall = feature_metrics.precision_recall(real_feats, fake_feats, config.eval.knn_k)
+    counts = np.bincount(self_read, minlength=num_classes)
+    metrics = {
+        "evaluator_test_accuracy": ev.test_accuracy,
+        "image/frechet_distance": feature_metrics.frechet_distance(real_feats, fake_feats),
+        "image/precision": precision,
+        "image/recall": recall,
+        "reference/frechet_distance_train_vs_test": feature_metrics.frechet_distance(real_feats, train_feats),
+        "image/min_class_fraction_evaluator": float(counts.min() / len(self_read)),
+    }
+    return metrics, self_read
+
+
+def _label_metrics(gen, m, key, test_src, joint, ev, read, out_dir) -> dict:
+    """Agreement of generated labels with the evaluator's reading of their images; the rarest generated class;
+    image -> label accuracy on held-out images; label -> image accuracy (the evaluator reads the requested class)."""
+    image_name = gen.diff.modalities.primary.name
+    n, num_classes = len(joint[m.name]), m.spec.num_classes
+    labels = joint[m.name]
+    metrics = {f"{m.name}/min_class_fraction": float(np.bincount(labels, minlength=num_classes).min() / n)}
+    given = {image_name: test_src.arrays[image_name]}
+    pred = gen.generate(jax.random.fold_in(key, 1), len(test_src), given=given)[m.name]
+    metrics[f"{m.name}/image_to_label_accuracy"] = float(np.mean(pred == test_src.arrays[m.name]))
+    if ev is None:  # no evaluator for this data
+        return metrics
+    metrics[f"{m.name}/agreement"] = float(np.mean(labels == read))
+    wanted = np.arange(n, dtype=np.int32) % num_classes
+    cond = gen.generate(jax.random.fold_in(key, 2), n, given={m.name: wanted})
+    cond_read, _ = ev(cond[image_name])
+    metrics[f"{m.name}/label_to_image_accuracy"] = float(np.mean(cond_read == wanted))
+    sample_lib.write_samples(out_dir, f"{m.name}_to_image", cond, gen, sort_grid_by_label=True)
+    return metrics
+
+
+def _mask_metrics(gen, m, key, test_src, joint) -> dict:
+    """image -> mask mIoU (and pixel accuracy) on held-out images against their true masks; consistency of joint
+    samples: mIoU between each generated mask and the mask the model predicts from the generated image."""
+    image_name = gen.diff.modalities.primary.name
+    k = m.spec.num_classes
+    pred = gen.generate(jax.random.fold_in(key, 3), len(test_src), given={image_name: test_src.arrays[image_name]})
+    truth = test_src.arrays[m.name]
+    from_generated = gen.generate(jax.random.fold_in(key, 4), len(joint[image_name]),
+                                  given={image_name: joint[image_name]})[m.name]
+    return {
+        f"{m.name}/image_to_mask_miou": segmentation.mean_iou(pred[m.name], truth, k),
+        f"{m.name}/image_to_mask_pixel_accuracy": segmentation.pixel_accuracy(pred[m.name], truth),
+        f"{m.name}/joint_consistency_miou": segmentation.mean_iou(joint[m.name], from_generated, k),
+    }
+
+
+def _vector_metrics(config, workdir, m, joint) -> dict:
+    """Cosine similarity between each generated embedding and the (standardized evaluator) embedding of its
+    generated image; the same with the images shuffled is the chance level."""
+    embed = vectors.EvaluatorEmbedding(config, workdir)
+    of_images = embed(joint[config.primary])  # [N, D]
+    generated = np.asarray(joint[m.name], np.float64)
+    shuffled = of_images[np.random.default_rng(0).permutation(len(of_images))]
+    return {
+        f"{m.name}/cosine_to_image_embedding": float(np.mean(_cosine(generated, of_images))),
+        f"{m.name}/cosine_to_image_embedding_shuffled": float(np.mean(_cosine(generated, shuffled))),
+    }
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine similarity of [N, D] arrays."""
+    return np.sum(a * b, -1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12)

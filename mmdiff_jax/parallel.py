@@ -64,8 +64,12 @@ def initialize_distributed(mode: str = "auto", coordinator_address: str | None =
     # CPU collectives across processes use JAX's gloo implementation (no effect on GPU/TPU computations).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     logging.info("Starting jax.distributed (%s)", detected or "JAX auto-detection")
-    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id)
+    try:
+        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                                   process_id=process_id)
+    except (ValueError, TypeError) as e:  # what JAX could not work out from the flags and the environment
+        raise UserError(f"jax.distributed could not start ({detected or 'auto-detection'}): {e} Give "
+                        "--coordinator_address, --num_processes and --process_id, or --distributed=off.") from None
     logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
     return True
 

@@ -1,8 +1,10 @@
-"""Print the README's results table from the workdirs of finished runs.
+"""Print the README's results tables from the workdirs of finished runs.
 
-    python -m mmdiff_jax.report runs/digits runs/digits_image_only
+    python -m mmdiff_jax.report runs/*
 
-Each workdir contributes one row from its `eval.json` (metrics) and `train_summary.json` (training wall time).
+Each workdir contributes one row from its `eval.json` (metrics) and `train_summary.json` (training wall time). Rows
+are grouped by dataset (one table each, in the order the workdirs are given), and a table shows only the columns
+that some of its rows have.
 """
 
 from __future__ import annotations
@@ -20,10 +22,15 @@ COLUMNS = [
     ("Fréchet dist.", "image/frechet_distance", "{:.2f}"),
     ("precision", "image/precision", "{:.3f}"),
     ("recall", "image/recall", "{:.3f}"),
+    ("image→mask mIoU", "mask/image_to_mask_miou", "{:.3f}"),
+    ("image→mask pixel acc.", "mask/image_to_mask_pixel_accuracy", "{:.3f}"),
+    ("joint mask consistency mIoU", "mask/joint_consistency_miou", "{:.3f}"),
+    ("embedding cos. to its image's", "embedding/cosine_to_image_embedding", "{:.3f}"),
+    ("same, shuffled (chance)", "embedding/cosine_to_image_embedding_shuffled", "{:.3f}"),
 ]
 
 
-def row(workdir: str) -> str:
+def _load(workdir: str) -> tuple[dict, dict, str]:
     if not os.path.exists(os.path.join(workdir, "eval.json")):
         raise SystemExit(f"error: no eval.json in {workdir}: run the main job (or --mode eval) on it first.")
     with open(os.path.join(workdir, "eval.json")) as f:
@@ -36,18 +43,30 @@ def row(workdir: str) -> str:
         with open(summary_path) as f:
             summary = json.load(f)
         train_time = f"{summary['seconds'] / 60:.1f} min"
-    modalities = "+".join(sorted(config["modalities"], key=lambda n: n != config["primary"]))
-    cells = [os.path.basename(os.path.normpath(workdir)), modalities, str(ev["step"]), train_time]
-    cells += [fmt.format(ev[key]) if key in ev else "–" for _, key, fmt in COLUMNS]
-    return "| " + " | ".join(cells) + " |"
+    return ev, config, train_time
 
 
 def table(workdirs: list[str]) -> str:
-    header = ["run", "modalities", "steps", "train time"] + [name for name, _, _ in COLUMNS]
+    """One markdown table; columns no row has are left out."""
+    loaded = [(w, *_load(w)) for w in workdirs]
+    columns = [c for c in COLUMNS if any(c[1] in ev for _, ev, _, _ in loaded)]
+    header = ["run", "modalities", "steps", "train time"] + [name for name, _, _ in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += [row(w) for w in workdirs]
+    for workdir, ev, config, train_time in loaded:
+        modalities = "+".join(sorted(config["modalities"], key=lambda n: n != config["primary"]))
+        cells = [os.path.basename(os.path.normpath(workdir)), modalities, str(ev["step"]), train_time]
+        cells += [fmt.format(ev[key]) if key in ev else "–" for _, key, fmt in columns]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def tables(workdirs: list[str]) -> str:
+    """A table per dataset (`data.source`), in order of first appearance."""
+    groups: dict[str, list[str]] = {}
+    for w in workdirs:
+        groups.setdefault(_load(w)[1]["data"]["source"], []).append(w)
+    return "\n\n".join(f"**{source}**\n\n{table(ws)}" for source, ws in groups.items())
+
+
 if __name__ == "__main__":
-    print(table(sys.argv[1:]))
+    print(tables(sys.argv[1:]))

@@ -54,6 +54,7 @@ class Generator:
             return samplers.sample(
                 chain, self._predict_fn(params), key, batch_size, latent_shape, method=cfg.sampler,
                 eta=cfg.eta, known_z0=known_z0 if has_z0 else None, known_enc=known_enc, known_mask=known_mask,
+                clip_z0=cfg.clip_z0,
             )
 
         return run
@@ -131,18 +132,25 @@ def sample(config, workdir: str) -> dict[str, str]:
 def write_samples(out_dir: str, name: str, data: Mapping[str, np.ndarray], gen: Generator,
                   sort_grid_by_label: bool = False, grid_count: int = 100) -> str:
     """All of `data` to `<name>.npz`; the first `grid_count` images to `<name>.png`, captioned with (and optionally
-    ordered by) the first label modality. Returns the .npz path."""
+    ordered by) the first label modality, and each mask modality's masks to `<name>_<mask>.png` in the same order.
+    Returns the .npz path."""
     path = os.path.join(out_dir, f"{name}.npz")
     if not parallel.is_main_process():  # every process computes the same samples; process 0 writes them
         return path
     np.savez(path, **data)
     mods = gen.diff.modalities
     images = data[mods.primary.name][:grid_count]
-    captions = None
+    order, captions = np.arange(len(images)), None
     label_mods = [m for m in mods.aux if m.kind == "label"]
     if label_mods:
         labels = data[label_mods[0].name][:grid_count]
-        order = np.argsort(labels, kind="stable") if sort_grid_by_label else np.arange(len(labels))
-        images, captions = images[order], [str(int(v)) for v in labels[order]]
-    grids.save_grid(os.path.join(out_dir, f"{name}.png"), images, captions)
+        if sort_grid_by_label:
+            order = np.argsort(labels, kind="stable")
+        captions = [str(int(v)) for v in labels[order]]
+    grids.save_grid(os.path.join(out_dir, f"{name}.png"), images[order], captions)
+    for m in mods.aux:
+        if m.kind == "mask":  # class ids as grey levels, same order as the images
+            ids = data[m.name][:grid_count][order]
+            grey = (2.0 * ids / max(m.spec.num_classes - 1, 1) - 1.0).astype(np.float32)[..., None]
+            grids.save_grid(os.path.join(out_dir, f"{name}_{m.name}.png"), grey, captions)
     return path

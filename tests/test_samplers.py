@@ -157,3 +157,24 @@ def test_condition_eps_gives_the_posterior_at_the_models_z0_with_known_encodings
     # unknown modalities (e = ê) leave ε̂ unchanged
     same = samplers.condition_eps(sched, tj, f32(zt), f32(eps_model), f32(enc_model), f32(enc_model))
     np.testing.assert_array_equal(same, f32(eps_model))
+
+
+def test_clip_eps_clips_the_implied_z0_and_leaves_in_range_estimates_alone():
+    from mmdiff_jax.diffusion import process
+
+    betas, weights = _betas_weights(2)
+    sched = schedules.make_schedule(betas, weights)
+    rng = np.random.default_rng(0)
+    t = jnp.asarray([1, 10, 300, 700, 1000])
+    zt = jnp.asarray(rng.normal(size=(5, 4, 4, 1)), jnp.float32)
+    enc = jnp.asarray(rng.normal(size=(5, 2, 4, 4, 1)), jnp.float32)
+    eps = jnp.asarray(rng.normal(size=(5, 4, 4, 1)), jnp.float32)
+    z0 = process.predict_z0(sched, t, zt, eps, enc)
+    assert float(jnp.max(jnp.abs(z0))) > 1.5  # some estimates are out of range
+    clipped = samplers.clip_eps(sched, t, zt, eps, enc)
+    np.testing.assert_allclose(process.predict_z0(sched, t, zt, clipped, enc), np.clip(z0, -1, 1), atol=2e-4)
+    inside = np.abs(np.asarray(z0)) <= 1.0
+    np.testing.assert_array_equal(np.asarray(clipped)[inside], np.asarray(eps)[inside])
+    # jit agrees
+    np.testing.assert_allclose(jax.jit(samplers.clip_eps, static_argnums=())(sched, t, zt, eps, enc), clipped,
+                               rtol=1e-6, atol=1e-6)

