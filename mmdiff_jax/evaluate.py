@@ -44,9 +44,9 @@ def evaluate(config, workdir: str) -> dict:
         "num_samples": n,
         "sampler": f"{config.sample.sampler} {config.sample.num_steps} steps (eta {config.sample.eta}), EMA params",
     }
-    ev = read = None
+    ev = read = embed = None
     if "label" in train_src.arrays:  # an evaluator can be trained: image quality in its feature space
-        ev = evaluator_lib.for_config(config, workdir)
+        ev = evaluator_lib.for_sources(config, workdir, train_src, test_src)
         image_results, read = _image_metrics(config, ev, gen, train_src, test_src, joint)
         results.update(image_results)
     for m in gen.diff.modalities.aux:
@@ -55,7 +55,8 @@ def evaluate(config, workdir: str) -> dict:
         elif m.kind == "mask":
             results.update(_mask_metrics(gen, m, key, test_src, joint))
         elif m.kind == "vector" and vectors.origin(config, m.name) == vectors.EVALUATOR:
-            results.update(_vector_metrics(config, workdir, m, joint))
+            embed = embed or vectors.evaluator_embedding(config, workdir, train_src, test_src)
+            results.update(_vector_metrics(config, embed, m, joint))
     sample_lib.write_samples(out_dir, "joint", joint, gen)
     results["eval_seconds"] = time.perf_counter() - start
     if parallel.is_main_process():
@@ -123,10 +124,9 @@ def _mask_metrics(gen, m, key, test_src, joint) -> dict:
     }
 
 
-def _vector_metrics(config, workdir, m, joint) -> dict:
+def _vector_metrics(config, embed, m, joint) -> dict:
     """Cosine similarity between each generated embedding and the (standardized evaluator) embedding of its
     generated image; the same with the images shuffled is the chance level."""
-    embed = vectors.EvaluatorEmbedding(config, workdir)
     of_images = embed(joint[config.primary])  # [N, D]
     generated = np.asarray(joint[m.name], np.float64)
     shuffled = of_images[np.random.default_rng(0).permutation(len(of_images))]

@@ -141,13 +141,6 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     return put(tree, jax.tree.map(lambda _: replicated(mesh), tree))
 
 
-def to_host(tree: Any) -> Any:
-    """Numpy copies of (possibly sharded, multi-process) arrays, the same in every process."""
-    if jax.process_count() == 1:
-        return jax.device_get(tree)
-    return multihost_utils.process_allgather(tree, tiled=True)
-
-
 def is_main_process() -> bool:
     return jax.process_index() == 0
 

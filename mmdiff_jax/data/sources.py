@@ -87,9 +87,6 @@ def digits_masks(split: str, test_fraction: float = 0.2, seed: int = 0) -> Array
     return ArraySource({"image": image, "label": label, "mask": mask}, bin_width=base.bin_width)
 
 
-SHAPE_CLASSES = ("background", "square", "disc", "triangle")
-
-
 def shapes(split: str, size: int = 16, num_train: int = 4000, num_test: int = 1000, seed: int = 0) -> ArraySource:
     """{'image': float32 [size, size, 1] in [-1, 1], 'mask': int32 [size, size] in 0..3}; see the module docstring.
 

@@ -48,17 +48,26 @@ class Standardizer:
 class EvaluatorEmbedding:
     """Standardized evaluator features of images: [N, H, W, C] -> [N, 128] float32."""
 
-    def __init__(self, config, workdir: str):
-        try:
-            self.evaluator = evaluator_lib.for_config(config, workdir)
-        except UserError as e:
-            raise UserError(f"data.vectors: 'evaluator' embeddings need an evaluator: {e} Give an .npz of vectors "
-                            "instead.") from None
-        train_images = get_source(config.data.source, "train", **dict(config.data.source_kwargs)).arrays
-        self.standardize = Standardizer.fit(self.evaluator(train_images[config.primary])[1])
+    def __init__(self, evaluator: evaluator_lib.Evaluator, train_images: np.ndarray):
+        self.evaluator = evaluator
+        self.standardize = Standardizer.fit(evaluator(train_images)[1])
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         return self.standardize(self.evaluator(images)[1])
+
+
+def evaluator_embedding(config, workdir: str, train_src: ArraySource | None = None,
+                        test_src: ArraySource | None = None) -> EvaluatorEmbedding:
+    """The embedding behind data.vectors.<name> = 'evaluator' (sources loaded here unless given)."""
+    kwargs = dict(config.data.source_kwargs)
+    train_src = train_src or get_source(config.data.source, "train", **kwargs)
+    test_src = test_src or get_source(config.data.source, "test", **kwargs)
+    try:
+        evaluator = evaluator_lib.for_sources(config, workdir, train_src, test_src)
+    except UserError as e:
+        raise UserError(f"data.vectors: 'evaluator' embeddings need an evaluator: {e} Give an .npz of vectors "
+                        "instead.") from None
+    return EvaluatorEmbedding(evaluator, train_src.arrays[config.primary])
 
 
 def _load_npz(path: str, name: str, split: str, length: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
@@ -88,7 +97,7 @@ def attach_vectors(config, source: ArraySource, split: str, workdir: str) -> Arr
             continue
         where = origin(config, name)
         if where == EVALUATOR:
-            embedding = embedding or EvaluatorEmbedding(config, workdir)
+            embedding = embedding or evaluator_embedding(config, workdir)
             arrays[name] = embedding(arrays[config.primary])
         else:
             dim = int(tuple(dict(config.modalities[name])["shape"])[0])

@@ -109,14 +109,10 @@ def get_evaluator(cache_dir: str, train_images, train_labels, test_images, test_
     return ev
 
 
-def for_config(config, workdir: str) -> Evaluator:
-    """The evaluator of a config's data source (its images and class labels), cached in workdir/evaluator."""
-    from mmdiff_jax.data import sources
+def for_sources(config, workdir: str, train_src, test_src) -> Evaluator:
+    """The evaluator of a config's data (the sources' images and class labels), cached in workdir/evaluator."""
     from mmdiff_jax.errors import UserError
 
-    kwargs = dict(config.data.source_kwargs)
-    train_src = sources.get_source(config.data.source, "train", **kwargs)
-    test_src = sources.get_source(config.data.source, "test", **kwargs)
     if "label" not in train_src.arrays:
         raise UserError(f"data.source={config.data.source!r} has no class labels to train the evaluator on.")
     image, labels = config.primary, train_src.arrays["label"]
