@@ -21,6 +21,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.data.source_kwargs = ml_collections.ConfigDict({"test_fraction": 0.2, "seed": 0})
     c.data.global_batch_size = 128  # across all devices and processes
     c.data.shuffle_seed = 0
+    # A masked copy of data `source` under modality `into` ('' = none): `count` black squares of side `square`,
+    # new ones for every example in every epoch (data/masking.py).
+    c.data.masking = ml_collections.ConfigDict({"source": "image", "into": "", "square": 3, "count": 2})
     c.data.vectors = ml_collections.ConfigDict()  # vector modality name -> "evaluator" | path of an .npz (data/vectors.py)
 
     c.model = ml_collections.ConfigDict()
@@ -70,4 +73,5 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.eval.num_samples = 1000  # jointly generated samples for the metrics
     c.eval.evaluator_steps = 2000  # training steps of the evaluator classifier
     c.eval.knn_k = 3  # k of improved precision/recall
+    c.eval.inpainting_counts = ()  # inpaint held-out images with these numbers of squares (data.masking.square)
     return c

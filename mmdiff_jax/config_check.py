@@ -80,6 +80,29 @@ class _Checker:
         return v
 
 
+def _check_masking(c: "_Checker", config, latent) -> None:
+    """data.masking and eval.inpainting_counts: sizes that fit the image, and modalities of a kind that fits."""
+    masking = c.get("data.masking")
+    counts = c.get("eval.inpainting_counts")
+    if masking in (_MISSING, None):
+        return
+    into = masking.get("into", "")
+    square = c.int_range("data.masking.square", 1)
+    c.int_range("data.masking.count", 1)
+    if latent is not None and _is_int(square) and square > min(latent[0], latent[1]):
+        c.problems.append(f"data.masking.square={square} does not fit in the {latent[0]}x{latent[1]} image.")
+    kinds = {n: dict(m).get("kind") for n, m in config.modalities.items()} if "modalities" in config else {}
+    if into and kinds.get(into) not in ("image", "pixels"):
+        c.problems.append(f"data.masking.into={into!r} must name an image or pixels modality; the modalities are "
+                          f"{kinds}.")
+    if counts not in (_MISSING, None):
+        if not all(_is_int(k) and k >= 1 for k in counts):
+            c.problems.append(f"eval.inpainting_counts: must be positive numbers of squares, got {counts!r}.")
+        elif counts and not into and kinds.get(masking.get("source")) != "image":
+            c.problems.append(f"eval.inpainting_counts: data.masking.source={masking.get('source')!r} must be the "
+                              "primary image to inpaint without a masked-image modality.")
+
+
 def validate(config, device_count: int | None = None, process_count: int | None = None) -> None:
     """Raise ConfigError listing every invalid field of `config`; return None when it is sound."""
     device_count = jax.device_count() if device_count is None else device_count
@@ -124,6 +147,7 @@ def validate(config, device_count: int | None = None, process_count: int | None 
                                   f"are {sorted(n for n, k in kinds.items() if k == 'vector')}.")
             elif not (where == "evaluator" or (isinstance(where, str) and where.endswith(".npz"))):
                 c.problems.append(f"data.vectors.{name}: use 'evaluator' or the path of an .npz, got {where!r}.")
+    _check_masking(c, config, latent)
     # mesh
     mesh_data, fsdp = c.get("mesh.data"), c.get("mesh.fsdp")
     mesh_devices = None

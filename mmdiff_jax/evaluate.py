@@ -8,6 +8,8 @@ of the rarest class; image -> label accuracy of the model on held-out real image
 evaluator reads the requested class). Masks: image -> mask mIoU and pixel accuracy on held-out images; consistency
 of joint samples (mIoU between the generated mask and the model's mask for the generated image). Vectors (evaluator
 embeddings): cosine similarity between each generated embedding and the embedding of its generated image.
+Inpainting (`eval.inpainting_counts`): held-out images with fixed random black squares, filled in by the model, the
+unmasked pixels kept; masked-region MSE and PSNR, and LPIPS (see `_inpainting_metrics`).
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ from absl import logging
 
 from mmdiff_jax import parallel
 from mmdiff_jax import sample as sample_lib
-from mmdiff_jax.data import sources, vectors
+from mmdiff_jax.data import masking, sources, vectors
 from mmdiff_jax.evaluation import evaluator as evaluator_lib
-from mmdiff_jax.evaluation import feature_metrics, segmentation
+from mmdiff_jax.evaluation import feature_metrics, grids, inpainting, segmentation
 
 
 def evaluate(config, workdir: str) -> dict:
@@ -45,7 +47,7 @@ def evaluate(config, workdir: str) -> dict:
         "sampler": f"{config.sample.sampler} {config.sample.num_steps} steps (eta {config.sample.eta}), EMA params",
     }
     ev = read = embed = None
-    if "label" in train_src.arrays:  # an evaluator can be trained: image quality in its feature space
+    if "label" in train_src.arrays and config.primary in train_src.arrays:  # image quality in an evaluator's features
         ev = evaluator_lib.for_sources(config, workdir, train_src, test_src)
         image_results, read = _image_metrics(config, ev, gen, train_src, test_src, joint)
         results.update(image_results)
@@ -57,6 +59,8 @@ def evaluate(config, workdir: str) -> dict:
         elif m.kind == "vector" and vectors.origin(config, m.name) == vectors.EVALUATOR:
             embed = embed or vectors.evaluator_embedding(config, workdir, train_src, test_src)
             results.update(_vector_metrics(config, embed, m, joint))
+    if config.eval.inpainting_counts:
+        results.update(_inpainting_metrics(config, gen, key, test_src, out_dir))
     sample_lib.write_samples(out_dir, "joint", joint, gen)
     results["eval_seconds"] = time.perf_counter() - start
     if parallel.is_main_process():
@@ -122,6 +126,43 @@ def _mask_metrics(gen, m, key, test_src, joint) -> dict:
         f"{m.name}/image_to_mask_pixel_accuracy": segmentation.pixel_accuracy(pred[m.name], truth),
         f"{m.name}/joint_consistency_miou": segmentation.mean_iou(joint[m.name], from_generated, k),
     }
+
+
+def _inpainting_metrics(config, gen, key, test_src, out_dir) -> dict:
+    """Inpaint every held-out image (`data.masking.source`) with `count` fixed random squares of side
+    `data.masking.square`, for each count in `eval.inpainting_counts`; the unmasked pixels are kept.
+
+    How the model fills in follows from its modalities: with the masked image as a modality (`data.masking.into`),
+    the model generates the full image given it (joint model: the image given the masked image; the
+    reconstruction-only baseline, whose primary is the masked image: its head's full image). A model without one
+    (image-only) inpaints by replacement (`samplers.sample(known_pixels=...)`).
+    Per count: the masked fraction, masked-region MSE, PSNR (mean over images), LPIPS (mean)."""
+    spec, mods = config.data.masking, gen.diff.modalities
+    truth = test_src.arrays[spec.source]  # [N, H, W, C]
+    lpips = inpainting.LPIPS()
+    metrics = {}
+    for count in config.eval.inpainting_counts:
+        holes = masking.held_out_holes(len(truth), truth.shape[1:3], spec.square, count)  # [N, H, W]
+        masked_images = masking.apply_holes(truth, holes)
+        count_key = jax.random.fold_in(key, 100 + count)
+        if spec.into in mods.names:
+            out = gen.generate(count_key, len(truth), given={spec.into: masked_images})[spec.source]
+        else:
+            known = np.broadcast_to(~holes[..., None], truth.shape)
+            out = gen.generate(count_key, len(truth), known_pixels=(masked_images, known))[mods.primary.name]
+        filled = np.where(holes[..., None], out, truth)
+        mse = inpainting.masked_mse(filled, truth, holes)
+        prefix = f"inpaint_{count}sq"
+        metrics.update({
+            f"{prefix}/masked_fraction": float(holes.mean()),
+            f"{prefix}/masked_mse": float(np.mean(mse)),
+            f"{prefix}/psnr_db": float(np.mean(inpainting.psnr(mse))),
+            f"{prefix}/lpips": float(np.mean(lpips(filled, truth))),
+        })
+        if parallel.is_main_process():  # rows of ten: true, masked, filled in
+            rows = [a[:10] for a in (truth, masked_images, filled)]
+            grids.save_grid(os.path.join(out_dir, f"{prefix}.png"), np.concatenate(rows))
+    return metrics
 
 
 def _vector_metrics(config, embed, m, joint) -> dict:

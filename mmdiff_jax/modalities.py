@@ -83,6 +83,16 @@ class Modality:
     def _fail(self, msg: str) -> None:
         raise ModalityError(f"modality '{self.name}' ({self.kind}): {msg}")
 
+    def _check_pixels(self, x: np.ndarray, batch_size: int) -> None:
+        """Images on the latent's grid: the shape, a floating dtype, finite values in [-1, 1]."""
+        expected = (batch_size,) + self.latent_shape
+        if tuple(x.shape) != expected:
+            self._fail(f"expected a batch of shape {expected}, got {tuple(x.shape)}.")
+        if not np.issubdtype(x.dtype, np.floating):
+            self._fail(f"expected floating-point pixels in [-1, 1], got dtype {x.dtype}.")
+        if not np.all(np.isfinite(x)) or np.min(x) < -1.0 - 1e-6 or np.max(x) > 1.0 + 1e-6:
+            self._fail(f"pixels must be finite and in [-1, 1]; got range [{np.nanmin(x):.3g}, {np.nanmax(x):.3g}].")
+
     def _check_class_ids(self, x: np.ndarray, expected_shape: tuple[int, ...], noun: str) -> None:
         """Categorical data: the shape, an integer dtype, and ids in [0, num_classes)."""
         if tuple(x.shape) != tuple(expected_shape):
@@ -105,15 +115,7 @@ class ImageModality(Modality):
             self._fail(f"shape {tuple(spec.shape)} must equal the latent shape {tuple(latent_shape)}.")
 
     def check_batch(self, x: np.ndarray, batch_size: int) -> None:
-        expected = (batch_size,) + self.latent_shape
-        if tuple(x.shape) != expected:
-            self._fail(f"expected a batch of shape {expected}, got {tuple(x.shape)}.")
-        if not np.issubdtype(x.dtype, np.floating):
-            self._fail(f"expected floating-point pixels in [-1, 1], got dtype {x.dtype}.")
-        if not np.all(np.isfinite(x)) or np.min(x) < -1.0 - 1e-6 or np.max(x) > 1.0 + 1e-6:
-            self._fail(
-                f"pixels must be finite and in [-1, 1]; got range [{np.nanmin(x):.3g}, {np.nanmax(x):.3g}]."
-            )
+        self._check_pixels(x, batch_size)
 
 
 class _MLPHead(nnx.Module):
@@ -212,12 +214,13 @@ class VectorModality(Modality):
         return head_out
 
 
-class _MaskHead(nnx.Module):
-    """Full-resolution feature map -> per-pixel class logits [B, H, W, K] (a 1x1 conv after a 3x3 conv)."""
+class _PerPixelHead(nnx.Module):
+    """Full-resolution feature map -> per-pixel outputs [B, H, W, out] (class logits or values; a 1x1 conv after a
+    3x3 conv)."""
 
-    def __init__(self, channels: int, num_classes: int, rngs: nnx.Rngs):
+    def __init__(self, channels: int, out_channels: int, rngs: nnx.Rngs):
         self.conv = nnx.Conv(channels, channels, (3, 3), rngs=rngs)
-        self.out = nnx.Conv(channels, num_classes, (1, 1), rngs=rngs)
+        self.out = nnx.Conv(channels, out_channels, (1, 1), rngs=rngs)
 
     def __call__(self, feats: Features) -> jax.Array:
         return self.out(nnx.silu(self.conv(feats.fmap)))
@@ -250,7 +253,7 @@ class MaskModality(Modality):
         return jnp.asarray(self.codes)[x]  # [B, H, W, C]
 
     def make_head(self, feature_dim, fmap_channels, temb_dim, rngs):
-        return _MaskHead(fmap_channels, self.spec.num_classes, rngs)
+        return _PerPixelHead(fmap_channels, self.spec.num_classes, rngs)
 
     def nll(self, head_out: jax.Array, x: jax.Array) -> jax.Array:
         return likelihoods.categorical_nll(head_out, x)
@@ -263,10 +266,43 @@ class MaskModality(Modality):
         return jnp.argmax(head_out, axis=-1).astype(jnp.int32)
 
 
+class PixelsModality(Modality):
+    """A second image on the latent's grid, float [B, H, W, C] in [-1, 1] (e.g. a masked image, or the full image in
+    a reconstruction-only baseline). Encoder: the identity. Head: a per-pixel regressor on the full-resolution
+    features -> mean; Gaussian likelihood with unit variance summed over pixels; ê = the predicted mean (exact: the
+    encoder is linear)."""
+
+    kind = "pixels"
+
+    def __init__(self, spec: ModalitySpec, latent_shape: tuple[int, ...]):
+        super().__init__(spec, latent_shape)
+        if tuple(spec.shape) != tuple(latent_shape):
+            self._fail(f"shape {tuple(spec.shape)} must equal the latent shape {tuple(latent_shape)}.")
+
+    def check_batch(self, x: np.ndarray, batch_size: int) -> None:
+        self._check_pixels(x, batch_size)
+
+    def encode(self, x: jax.Array) -> jax.Array:
+        return x.astype(jnp.float32)
+
+    def make_head(self, feature_dim, fmap_channels, temb_dim, rngs):
+        return _PerPixelHead(fmap_channels, self.latent_shape[-1], rngs)
+
+    def nll(self, head_out: jax.Array, x: jax.Array) -> jax.Array:
+        return likelihoods.gaussian_nll(x.astype(jnp.float32), head_out.astype(jnp.float32), 1.0)
+
+    def expected_encoding(self, head_out: jax.Array) -> jax.Array:
+        return head_out.astype(jnp.float32)
+
+    def decode(self, head_out: jax.Array) -> jax.Array:
+        return jnp.clip(head_out, -1.0, 1.0)
+
+
 KINDS: dict[str, type[Modality]] = {
     "image": ImageModality,
     "label": LabelModality,
     "mask": MaskModality,
+    "pixels": PixelsModality,
     "vector": VectorModality,
 }
 

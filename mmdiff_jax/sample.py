@@ -50,17 +50,20 @@ class Generator:
         chain = self.chain  # built here, outside the trace
 
         @functools.partial(jax.jit, static_argnames=("batch_size", "has_z0"))
-        def run(params, key, known_enc, known_mask, known_z0, batch_size, has_z0):
+        def run(params, key, known_enc, known_mask, known_z0, known_pixels, batch_size, has_z0):
             return samplers.sample(
                 chain, self._predict_fn(params), key, batch_size, latent_shape, method=cfg.sampler,
                 eta=cfg.eta, known_z0=known_z0 if has_z0 else None, known_enc=known_enc, known_mask=known_mask,
-                clip_z0=cfg.clip_z0,
+                clip_z0=cfg.clip_z0, known_pixels=known_pixels,
             )
 
         return run
 
-    def generate(self, key: jax.Array, num: int, given: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    def generate(self, key: jax.Array, num: int, given: Mapping[str, np.ndarray] | None = None,
+                 known_pixels: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """Generate `num` examples of every modality; `given` maps modality names to data of the given ones.
+        `known_pixels` = (images [num, *S], known [num, *S] bool) inpaints the primary by replacement (see
+        `samplers.sample`).
 
         Returns {modality name: data} for every modality (the given ones are passed through).
         """
@@ -84,8 +87,9 @@ class Generator:
                      for m in mods.aux], axis=1)
             has_z0 = mods.primary.name in given
             z0_in = part[mods.primary.name] if has_z0 else jnp.zeros((bs,) + latent_shape, jnp.float32)
+            pixels = None if known_pixels is None else tuple(jnp.asarray(np.asarray(a)[idx]) for a in known_pixels)
             z0, heads = self._sample_jit(self.params, jax.random.fold_in(key, i), known_enc, jnp.asarray(known_mask),
-                                         z0_in, batch_size=bs, has_z0=has_z0)
+                                         z0_in, pixels, batch_size=bs, has_z0=has_z0)
             take = min(bs, num - start)
             image = np.asarray(part[mods.primary.name]) if has_z0 else np.clip(np.asarray(z0), -1.0, 1.0)
             outputs[mods.primary.name].append(image[:take])

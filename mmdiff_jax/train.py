@@ -19,7 +19,7 @@ from flax import nnx
 
 from mmdiff_jax import checkpointing, config_check, objective, parallel
 from mmdiff_jax.errors import UserError
-from mmdiff_jax.data import pipeline, sources, vectors
+from mmdiff_jax.data import masking, pipeline, sources, vectors
 from mmdiff_jax.metrics_writer import MetricWriter
 from mmdiff_jax.models.mt_diffusion import MTDiffusion
 from mmdiff_jax.models.unet import UNetConfig
@@ -200,9 +200,12 @@ def train(config, workdir: str, num_steps: int | None = None) -> TrainState:
     block, num_blocks = parallel.batch_rows(mesh, config.data.global_batch_size)
     train_source = sources.get_source(config.data.source, "train", **dict(config.data.source_kwargs))
     train_source = vectors.attach_vectors(config, train_source, "train", workdir)
-    train_source = train_source.select(diff.modalities.names)  # arrays no modality uses are never read
+    masked = masking.spec_from_config(config)
+    # Arrays no modality uses are never read; a masked image is made from its source on the fly.
+    train_source = train_source.select(diff.modalities.names + ([masked.source] if masked else []))
     data_iter = pipeline.train_iterator(
-        train_source, config.data.global_batch_size, config.data.shuffle_seed, block, num_blocks)
+        train_source, config.data.global_batch_size, config.data.shuffle_seed, block, num_blocks,
+        random_map=masking.AddMaskedImage(masked) if masked else None)
     graphdef, params = create_model(config, diff)
     tx = make_optimizer(config.optim, total_steps)
     state = initial_state(config, params, tx)

@@ -69,6 +69,7 @@ def make_reverse_step(
     known_enc: jax.Array | None = None,
     known_mask: jax.Array | None = None,
     clip_z0: bool = False,
+    known_pixels: tuple[jax.Array, jax.Array] | None = None,
 ) -> Callable[[jax.Array, jax.Array], tuple[jax.Array, Any]]:
     """One reverse step k -> k-1 of the chain, `step(z_k, k) -> (z_{k-1}, head outputs)`; its noise is
     `fold_in(key, k)`. `sample` scans it; anything else (a Python loop, a benchmark) can call it step by step.
@@ -101,6 +102,10 @@ def make_reverse_step(
             z_next = mean + jnp.sqrt(var) * noise
         else:
             z_next = ddim_step(sched, t, z, eps_hat, enc_hat, noise, eta)
+        if known_pixels is not None:
+            values, where = known_pixels
+            fresh = jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, k), 1), z.shape, jnp.float32)
+            z_next = jnp.where(where, process.q_sample(sched, t - 1, values, enc_hat, fresh), z_next)
         return z_next, heads
 
     return step
@@ -119,6 +124,7 @@ def sample(
     known_enc: jax.Array | None = None,
     known_mask: jax.Array | None = None,
     clip_z0: bool = False,
+    known_pixels: tuple[jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, Any]:
     """Run the reverse chain from z_K ~ N(0, I) to z_0.
 
@@ -127,12 +133,16 @@ def sample(
       known_z0: [B, *S] a given primary (image -> other modalities), or None.
       known_enc: [B, N, *S] true encodings of the given auxiliary modalities; used where known_mask [N] is True.
       clip_z0: clip each step's ẑ_0 to the data range [-1, 1] (see `clip_eps`).
+      known_pixels: (values [B, *S], where [B, *S] bool): inpainting by replacement (score-SDE style) for a model
+        that has no masked-image modality: after every step the known latent entries are overwritten by a fresh
+        draw of q(z_{k-1} | z_0 = values, ê), so they end exactly at `values`.
     Returns:
       z_0 [B, *S] (the final mean, no noise added) and the heads' outputs at the last step (t = τ_1).
     """
     init_key, loop_key = jax.random.split(key)
     step = make_reverse_step(chain, predict_fn, loop_key, batch_size, latent_shape, method=method, eta=eta,
-                             known_z0=known_z0, known_enc=known_enc, known_mask=known_mask, clip_z0=clip_z0)
+                             known_z0=known_z0, known_enc=known_enc, known_mask=known_mask, clip_z0=clip_z0,
+                             known_pixels=known_pixels)
     z_init = jax.random.normal(init_key, (batch_size,) + tuple(latent_shape), jnp.float32)
     last = jnp.int32(chain.num_steps)
     heads_init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(step, z_init, last)[1])
