@@ -3,6 +3,7 @@
     python -m mmdiff_jax.main --config configs/tiny.py --workdir /tmp/tiny            # 6 steps: plumbing only
     python -m mmdiff_jax.main --config configs/tiny.py:learns --workdir /tmp/learns   # 600 steps: learns the digits
     python -m mmdiff_jax.main --config configs/tiny.py:mask --workdir /tmp/mask       # image + mask on shapes
+    python -m mmdiff_jax.main --config configs/tiny.py:masked --workdir /tmp/masked   # image + masked image
 """
 
 from mmdiff_jax import config_base
@@ -56,6 +57,25 @@ def get_config(preset: str = ""):
         c.train.log_every = 1
         c.train.checkpoint_every = 40
         c.eval.evaluator_steps = 100
+    elif preset in ("masked", "reconstruction_only"):  # masked-image pretraining and its baseline on the digits
+        del c.modalities["label"]
+        if preset == "masked":
+            c.modalities.masked = dict(kind="pixels", shape=(8, 8, 1), weight_schedule="profile", weight_scale=1.0,
+                                       loss_weight=0.1)
+        else:
+            c.primary = "masked"
+            c.modalities.masked = dict(kind="image", shape=(8, 8, 1))
+            c.modalities.image = dict(kind="pixels", shape=(8, 8, 1), weight_schedule="profile", weight_scale=0.0,
+                                      loss_weight=1.0)
+            c.diffusion.loss_weights.l0 = 0.0
+        c.data.masking.into = "masked"
+        c.optim.lr = 3e-3
+        c.train.num_steps = 40
+        c.train.log_every = 1
+        c.train.checkpoint_every = 40
+        c.eval.evaluator_steps = 100
+        c.eval.inpainting_counts = (1, 3)
     elif preset:
-        raise ValueError(f"configs/tiny.py: unknown preset {preset!r}; use '', 'learns', 'mask' or 'vector'.")
+        raise ValueError(f"configs/tiny.py: unknown preset {preset!r}; use '', 'learns', 'mask', 'vector', 'masked' "
+                         "or 'reconstruction_only'.")
     return c

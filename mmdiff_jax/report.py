@@ -30,6 +30,15 @@ COLUMNS = [
 ]
 
 
+INPAINTING = [("masked MSE", "masked_mse", "{:.3f}"), ("PSNR dB", "psnr_db", "{:.2f}"), ("LPIPS", "lpips", "{:.3f}")]
+
+
+def _inpainting_columns(evals: list[dict]) -> list[tuple[str, str, str]]:
+    """Columns for every `inpaint_<n>sq/...` metric some row has, by number of squares."""
+    counts = sorted({int(k.split("/")[0][len("inpaint_"):-2]) for ev in evals for k in ev if k.startswith("inpaint_")})
+    return [(f"{n} sq. {name}", f"inpaint_{n}sq/{key}", fmt) for n in counts for name, key, fmt in INPAINTING]
+
+
 def _load(workdir: str) -> tuple[dict, dict, str]:
     if not os.path.exists(os.path.join(workdir, "eval.json")):
         raise SystemExit(f"error: no eval.json in {workdir}: run the main job (or --mode eval) on it first.")
@@ -49,7 +58,8 @@ def _load(workdir: str) -> tuple[dict, dict, str]:
 def table(workdirs: list[str]) -> str:
     """One markdown table; columns no row has are left out."""
     loaded = [(w, *_load(w)) for w in workdirs]
-    columns = [c for c in COLUMNS if any(c[1] in ev for _, ev, _, _ in loaded)]
+    evals = [ev for _, ev, _, _ in loaded]
+    columns = [c for c in COLUMNS if any(c[1] in ev for ev in evals)] + _inpainting_columns(evals)
     header = ["run", "modalities", "steps", "train time"] + [name for name, _, _ in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for workdir, ev, config, train_time in loaded:

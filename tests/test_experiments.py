@@ -10,7 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from configs import digits_image_mask, digits_image_vector, mnist_image_label, mnist_image_only, shapes_image_mask, tiny
+from configs import (digits_image_mask, digits_image_vector, digits_masked_image, mnist_image_label, mnist_image_only,
+                     shapes_image_mask, tiny)
 from mmdiff_jax import config_check, evaluate, sample, train
 from mmdiff_jax.data import sources
 from mmdiff_jax.errors import UserError
@@ -81,6 +82,8 @@ def test_fashion_mnist_reads_idx_files_and_says_how_to_install(tmp_path):
     mnist_image_label.get_config(), mnist_image_label.get_config("fashion"), mnist_image_only.get_config(),
     shapes_image_mask.get_config(), shapes_image_mask.get_config("segmentation_only"),
     digits_image_mask.get_config(), digits_image_mask.get_config("segmentation_only"), digits_image_vector.get_config(),
+    digits_masked_image.get_config(), digits_masked_image.get_config("reconstruction_only"),
+    digits_masked_image.get_config("image_only"),
 ])
 def test_experiment_configs_validate(config):
     config_check.validate(config, device_count=2, process_count=1)
@@ -187,3 +190,9 @@ def test_report_groups_runs_by_dataset_and_keeps_only_filled_columns(tmp_path):
     assert "| shapes_seg | image+mask | 10 | 1.5 min | 0.250 |" in shapes_part
     assert "Fréchet" not in shapes_part and "mIoU" not in digits_part
     assert "| digits | image+label | 10 | 1.5 min | 0.900 | 9.00 |" in digits_part
+    d = run("inpaint", "digits", {"image": {}, "masked": {}},
+            {"inpaint_3sq/masked_mse": 0.25, "inpaint_3sq/psnr_db": 12.04, "inpaint_3sq/lpips": 0.1,
+             "inpaint_1sq/masked_mse": 0.5, "inpaint_1sq/psnr_db": 9.03, "inpaint_1sq/lpips": 0.05})
+    inpaint = report.table([d])
+    assert "| 1 sq. masked MSE | 1 sq. PSNR dB | 1 sq. LPIPS | 3 sq. masked MSE |" in inpaint
+    assert "| inpaint | image+masked | 10 | 1.5 min | 0.500 | 9.03 | 0.050 | 0.250 | 12.04 | 0.100 |" in inpaint
