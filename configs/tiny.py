@@ -25,6 +25,7 @@ def get_config(preset: str = ""):
     c.sample.batch_size = 64
     c.eval.num_samples = 64
     c.eval.evaluator_steps = 200
+    c.eval.elbo_examples = 16
     if preset == "learns":  # enough training for label -> image to work (tests/test_end_to_end.py)
         c.data.global_batch_size = 64
         c.train.num_steps = 600
@@ -57,6 +58,15 @@ def get_config(preset: str = ""):
         c.train.log_every = 1
         c.train.checkpoint_every = 40
         c.eval.evaluator_steps = 100
+    elif preset == "dropout":  # label dropout: any-direction generation and guidance
+        c.modalities.label["dropout"] = 0.3
+        c.optim.lr = 3e-3
+        c.train.num_steps = 40
+        c.train.log_every = 1
+        c.train.checkpoint_every = 40
+        c.eval.evaluator_steps = 100
+        c.eval.elbo_examples = 16
+        c.eval.guidance_weights = (0.0, 2.0)
     elif preset in ("masked", "reconstruction_only"):  # masked-image pretraining and its baseline on the digits
         del c.modalities["label"]
         if preset == "masked":
@@ -76,6 +86,6 @@ def get_config(preset: str = ""):
         c.eval.evaluator_steps = 100
         c.eval.inpainting_counts = (1, 3)
     elif preset:
-        raise ValueError(f"configs/tiny.py: unknown preset {preset!r}; use '', 'learns', 'mask', 'vector', 'masked' "
-                         "or 'reconstruction_only'.")
+        raise ValueError(f"configs/tiny.py: unknown preset {preset!r}; use '', 'learns', 'mask', 'vector', 'masked', "
+                         "'reconstruction_only' or 'dropout'.")
     return c

@@ -12,7 +12,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.seed = 0  # model init and training RNG
     c.latent_shape = (8, 8, 1)  # the diffusion space: the primary image's shape [H, W, C]
     c.primary = "image"  # the modality that is the latent (identity encoder)
-    # Modalities: name -> {kind, shape, num_classes, weight_schedule, weight_scale, loss_weight, seed}.
+    # Modalities: name -> {kind, shape, num_classes, weight_schedule, weight_scale, loss_weight, seed, dropout}.
     c.modalities = ml_collections.ConfigDict()
     c.modalities.image = dict(kind="image", shape=(8, 8, 1))
 
@@ -62,16 +62,23 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.mesh.fsdp = 1  # devices each parameter and optimizer moment is sharded over (1 = replicated)
 
     c.sample = ml_collections.ConfigDict()
-    c.sample.sampler = "ddpm"  # ddpm (ancestral) | ddim
+    c.sample.sampler = "ddpm"  # ddpm (ancestral) | ddim | dpm2m (DPM-Solver++(2M), ODE)
     c.sample.num_steps = 250  # respaced steps (<= diffusion.num_steps)
     c.sample.eta = 0.0  # DDIM noise
     c.sample.clip_z0 = False  # clip each step's predicted z_0 to [-1, 1] (helps short or few-step runs)
+    # Classifier-free guidance weight per given auxiliary modality (models trained with modality dropout):
+    # ε̃ = ε̂ + w (ε̂ - ε̂ without it), applied for training steps t in guidance_interval = (t_min, t_max).
+    c.sample.guidance = ml_collections.ConfigDict()
+    c.sample.guidance_interval = (0, 1000)
     c.sample.batch_size = 500
     c.sample.seed = 1
 
     c.eval = ml_collections.ConfigDict()
+    c.eval.tag = ""  # non-empty: write eval_<tag>.json and samples/<tag>/ (compare samplers on one checkpoint)
     c.eval.num_samples = 1000  # jointly generated samples for the metrics
     c.eval.evaluator_steps = 2000  # training steps of the evaluator classifier
     c.eval.knn_k = 3  # k of improved precision/recall
+    c.eval.elbo_examples = 256  # held-out examples whose ELBO (bits/dim per modality) is summed over all T steps
+    c.eval.guidance_weights = (0.0, 1.0, 2.0, 4.0)  # label -> image accuracy per weight (models with dropout)
     c.eval.inpainting_counts = ()  # inpaint held-out images with these numbers of squares (data.masking.square)
     return c

@@ -5,6 +5,7 @@ each, naming the field and the fix."""
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import jax
@@ -12,7 +13,7 @@ import jax
 from mmdiff_jax import modalities as modalities_lib
 from mmdiff_jax import objective
 from mmdiff_jax.data import sources
-from mmdiff_jax.diffusion import losses, schedules
+from mmdiff_jax.diffusion import losses, samplers, schedules
 from mmdiff_jax.errors import UserError
 
 
@@ -103,6 +104,28 @@ def _check_masking(c: "_Checker", config, latent) -> None:
                               "primary image to inpaint without a masked-image modality.")
 
 
+def _check_guidance(c: "_Checker", config) -> None:
+    """sample.guidance: weights for auxiliary modalities of a model trained with dropout; a sound interval."""
+    weights = c.get("sample.guidance")
+    if weights in (_MISSING, None):
+        return
+    mods = {n: dict(m) for n, m in config.modalities.items()} if "modalities" in config else {}
+    for name, w in dict(weights).items():
+        if name not in mods or name == config.get("primary"):
+            c.problems.append(f"sample.guidance.{name}: not an auxiliary modality; they are "
+                              f"{sorted(n for n in mods if n != config.get('primary'))}.")
+        elif not _is_number(w):
+            c.problems.append(f"sample.guidance.{name}: must be a number, got {w!r}.")
+    if weights and not any(float(m.get("dropout", 0.0) or 0.0) > 0 for m in mods.values()):
+        c.problems.append("sample.guidance: needs a model trained with modality dropout; set "
+                          "modalities.<name>.dropout > 0.")
+    interval = c.get("sample.guidance_interval")
+    if interval is not _MISSING and not (isinstance(interval, (tuple, list)) and len(interval) == 2
+                                         and all(_is_int(v) for v in interval) and interval[0] <= interval[1]):
+        c.problems.append(f"sample.guidance_interval: must be (t_min, t_max) integers with t_min <= t_max, got "
+                          f"{interval!r}.")
+
+
 def validate(config, device_count: int | None = None, process_count: int | None = None) -> None:
     """Raise ConfigError listing every invalid field of `config`; return None when it is sound."""
     device_count = jax.device_count() if device_count is None else device_count
@@ -129,6 +152,9 @@ def validate(config, device_count: int | None = None, process_count: int | None 
                 if not _is_number(spec.weight_scale):
                     c.problems.append(f"modalities.{spec.name}.weight_scale: must be a finite number, got "
                                       f"{spec.weight_scale!r}.")
+                if not (_is_number(spec.dropout) and 0.0 <= spec.dropout < 1.0):
+                    c.problems.append(f"modalities.{spec.name}.dropout: must be a probability in [0, 1), got "
+                                      f"{spec.dropout!r}.")
                 if not (_is_number(spec.loss_weight) and spec.loss_weight >= 0):
                     c.problems.append(f"modalities.{spec.name}.loss_weight: must be a finite number >= 0, got "
                                       f"{spec.loss_weight!r}.")
@@ -216,7 +242,15 @@ def validate(config, device_count: int | None = None, process_count: int | None 
     for field in ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "max_bad_steps"):
         c.int_range(f"train.{field}", 1)
     # sample / eval
-    c.choice("sample.sampler", {"ddpm", "ddim"})
+    c.choice("sample.sampler", set(samplers.METHODS))
+    _check_guidance(c, config)
+    c.int_range("eval.elbo_examples", 0)
+    tag = c.get("eval.tag")
+    if tag is not _MISSING and not (isinstance(tag, str) and re.fullmatch(r"[A-Za-z0-9_.-]*", tag)):
+        c.problems.append(f"eval.tag: letters, digits, '_', '.' or '-' only (it names eval_<tag>.json), got {tag!r}.")
+    weights = c.get("eval.guidance_weights")
+    if weights is not _MISSING and not (isinstance(weights, (tuple, list)) and all(_is_number(w) for w in weights)):
+        c.problems.append(f"eval.guidance_weights: must be a tuple of numbers, got {weights!r}.")
     if steps is not None:
         c.int_range("sample.num_steps", 1, steps, hint="(at most diffusion.num_steps)")
     c.number_range("sample.eta", 0.0)

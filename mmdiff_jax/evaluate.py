@@ -9,7 +9,10 @@ evaluator reads the requested class). Masks: image -> mask mIoU and pixel accura
 of joint samples (mIoU between the generated mask and the model's mask for the generated image). Vectors (evaluator
 embeddings): cosine similarity between each generated embedding and the embedding of its generated image.
 Inpainting (`eval.inpainting_counts`): held-out images with fixed random black squares, filled in by the model, the
-unmasked pixels kept; masked-region MSE and PSNR, and LPIPS (see `_inpainting_metrics`).
+unmasked pixels kept; masked-region MSE and PSNR, and LPIPS (see `_inpainting_metrics`). Likelihood: the negative
+ELBO of held-out examples in bits per dimension, split by modality. Models trained with modality dropout: label ->
+image accuracy for each classifier-free guidance weight in `eval.guidance_weights`, and the Fréchet distance of
+images generated without the label.
 """
 
 from __future__ import annotations
@@ -19,12 +22,15 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from flax import nnx
 
 from mmdiff_jax import parallel
 from mmdiff_jax import sample as sample_lib
 from mmdiff_jax.data import masking, sources, vectors
+from mmdiff_jax.diffusion import losses
 from mmdiff_jax.evaluation import evaluator as evaluator_lib
 from mmdiff_jax.evaluation import feature_metrics, grids, inpainting, segmentation
 
@@ -37,7 +43,8 @@ def evaluate(config, workdir: str) -> dict:
     test_src = sources.get_source(config.data.source, "test", **kwargs)
     key = jax.random.key(config.sample.seed)
     n = config.eval.num_samples
-    out_dir = os.path.join(workdir, "samples")
+    tag = config.eval.tag  # '' -> eval.json and samples/; 'x' -> eval_x.json and samples/x/ (e.g. another sampler)
+    out_dir = os.path.join(workdir, "samples", tag) if tag else os.path.join(workdir, "samples")
     os.makedirs(out_dir, exist_ok=True)
 
     joint = gen.generate(jax.random.fold_in(key, 0), n)
@@ -61,10 +68,12 @@ def evaluate(config, workdir: str) -> dict:
             results.update(_vector_metrics(config, embed, m, joint))
     if config.eval.inpainting_counts:
         results.update(_inpainting_metrics(config, gen, key, test_src, out_dir))
+    if config.eval.elbo_examples and config.primary in test_src.arrays:
+        results.update(_likelihood_metrics(config, gen, key, test_src))
     sample_lib.write_samples(out_dir, "joint", joint, gen)
     results["eval_seconds"] = time.perf_counter() - start
     if parallel.is_main_process():
-        with open(os.path.join(workdir, "eval.json"), "w") as f:
+        with open(os.path.join(workdir, f"eval_{tag}.json" if tag else "eval.json"), "w") as f:
             json.dump(results, f, indent=2)
     logging.info("Evaluation: %s", json.dumps(results, indent=2))
     return results
@@ -109,6 +118,15 @@ def _label_metrics(gen, m, key, test_src, joint, ev, read, out_dir) -> dict:
     cond_read, _ = ev(cond[image_name])
     metrics[f"{m.name}/label_to_image_accuracy"] = float(np.mean(cond_read == wanted))
     sample_lib.write_samples(out_dir, f"{m.name}_to_image", cond, gen, sort_grid_by_label=True)
+    if gen.diff.modalities.conditions_on_presence:
+        for w in gen.config.eval.guidance_weights:  # classifier-free guidance on the label, the same noise
+            guided = gen.generate(jax.random.fold_in(key, 2), n, given={m.name: wanted}, guidance={m.name: w})
+            metrics[f"{m.name}/label_to_image_accuracy_guidance_{w:g}"] = float(
+                np.mean(ev(guided[image_name])[0] == wanted))
+            sample_lib.write_samples(out_dir, f"{m.name}_to_image_guidance_{w:g}", guided, gen, sort_grid_by_label=True)
+        marginal = gen.generate(jax.random.fold_in(key, 5), n, absent=[m.name])  # the image without the label
+        metrics["image/frechet_distance_without_" + m.name] = feature_metrics.frechet_distance(
+            ev(test_src.arrays[image_name])[1], ev(marginal[image_name])[1])
     return metrics
 
 
@@ -162,6 +180,33 @@ def _inpainting_metrics(config, gen, key, test_src, out_dir) -> dict:
         if parallel.is_main_process():  # rows of ten: true, masked, filled in
             rows = [a[:10] for a in (truth, masked_images, filled)]
             grids.save_grid(os.path.join(out_dir, f"{prefix}.png"), np.concatenate(rows))
+    return metrics
+
+
+def _likelihood_metrics(config, gen, key, test_src) -> dict:
+    """The negative ELBO of the first `eval.elbo_examples` held-out examples (every modality given), as an exact sum
+    over all T steps (`losses.elbo`), in bits per dimension: the primary (prior + diffusion + reconstruction terms
+    over its dimensions), each auxiliary modality (its decoder NLL at t = 1 over its own dimensions), and the total."""
+    mods = gen.diff.modalities
+    num = min(config.eval.elbo_examples, len(test_src))
+    batch = {name: jnp.asarray(test_src.arrays[name][:num]) for name in mods.names}
+    z0 = batch[mods.primary.name].astype(jnp.float32)
+    enc = mods.encode(batch)
+    model = nnx.merge(gen.graphdef, gen.params)
+
+    @jax.jit
+    def run(z0, enc, batch, k):
+        def denoise(zt, t):
+            eps_hat, heads = model(zt, t)
+            return eps_hat, mods.expected_encodings(heads, zt.shape[0]), mods.nlls(heads, batch, zt.shape[0])
+
+        return losses.elbo(gen.diff.sched, denoise, k, z0, enc, [m.data_dims for m in mods.aux], gen.diff.bin_width)
+
+    out = run(z0, enc, batch, jax.random.fold_in(key, 6))
+    metrics = {"elbo/num_examples": num, f"bpd/{mods.primary.name}": float(jnp.mean(out["bpd/primary"]))}
+    for i, m in enumerate(mods.aux):
+        metrics[f"bpd/{m.name}"] = float(jnp.mean(out["bpd/aux"][:, i]))
+    metrics["bpd/total"] = float(jnp.mean(out["bpd/total"]))
     return metrics
 
 

@@ -42,6 +42,7 @@ class ModalitySpec:
     weight_scale: float = 1.0
     loss_weight: float = 1.0
     seed: int = 0  # for fixed random codes / projections
+    dropout: float = 0.0  # training: probability that an example's encoding is dropped (any-direction generation)
 
 
 class Modality:
@@ -323,6 +324,14 @@ class ModalitySet:
 
     def loss_weights(self) -> list[float]:
         return [m.spec.loss_weight for m in self.aux]
+
+    def dropout_rates(self) -> list[float]:
+        return [m.spec.dropout for m in self.aux]
+
+    @property
+    def conditions_on_presence(self) -> bool:
+        """Whether the model is told which modalities are present (trained with modality dropout)."""
+        return any(rate > 0 for rate in self.dropout_rates())
 
     def check_batch(self, batch: Mapping[str, Any], batch_size: int) -> None:
         """Validate a host batch: every configured modality present, no unknown key, each well formed."""

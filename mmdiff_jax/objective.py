@@ -79,16 +79,33 @@ def compute_loss(model, diff: Diffusion, batch: Mapping[str, jax.Array], key: ja
     t_key, eps_key = jax.random.split(key)
     t = process.sample_timesteps(t_key, batch_size, diff.num_steps)  # [B]
     eps = jax.random.normal(eps_key, z0.shape, jnp.float32)
+    present = None  # [B, N]: modality dropout (static shapes: a mask, never a different batch)
+    if mods.conditions_on_presence:
+        rates = jnp.asarray(mods.dropout_rates(), jnp.float32)
+        present = (jax.random.uniform(jax.random.fold_in(key, 2), (batch_size, len(mods.aux))) >= rates)
+        present = present.astype(jnp.float32)
+        enc = enc * _per_modality(present, enc)  # a dropped modality does not drive the forward process
     zt = process.q_sample(diff.sched, t, z0, enc, eps)
-    eps_hat, head_outs = model(zt, t)
+    eps_hat, head_outs = model(zt, t, present)
     enc_hat = mods.expected_encodings(head_outs, batch_size)
     aux_nll = mods.nlls(head_outs, batch, batch_size)
+    if present is not None:
+        enc_hat = enc_hat * _per_modality(present, enc_hat)
+        aux_nll = aux_nll * present  # and its head is not trained on it
     terms = losses.loss_terms(diff.sched, t, z0, enc, eps, eps_hat, enc_hat, aux_nll, mods.loss_weights(),
                               diff.bin_width)
     loss, metrics = losses.training_loss(terms, diff.loss_weights)
     for i, m in enumerate(mods.aux):
-        metrics[f"nll/{m.name}"] = jnp.mean(aux_nll[:, i])
+        if present is None:
+            metrics[f"nll/{m.name}"] = jnp.mean(aux_nll[:, i])
+        else:  # over the examples that kept the modality
+            metrics[f"nll/{m.name}"] = jnp.sum(aux_nll[:, i]) / jnp.maximum(jnp.sum(present[:, i]), 1.0)
     return loss, metrics
+
+
+def _per_modality(present: jax.Array, like: jax.Array) -> jax.Array:
+    """present [B, N] broadcast against [B, N, *S]."""
+    return present.reshape(present.shape + (1,) * (like.ndim - 2))
 
 
 def describe(diff: Diffusion) -> dict[str, Any]:

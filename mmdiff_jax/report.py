@@ -1,8 +1,10 @@
 """Print the README's results tables from the workdirs of finished runs.
 
     python -m mmdiff_jax.report runs/*
+    python -m mmdiff_jax.report runs/digits runs/digits/eval_dpm25.json
 
-Each workdir contributes one row from its `eval.json` (metrics) and `train_summary.json` (training wall time). Rows
+Each workdir (or `workdir/eval_<tag>.json`, from `--config.eval.tag=<tag> --mode eval`) contributes one row from its
+`eval.json` (metrics) and `train_summary.json` (training wall time). Rows
 are grouped by dataset (one table each, in the order the workdirs are given), and a table shows only the columns
 that some of its rows have.
 """
@@ -39,10 +41,32 @@ def _inpainting_columns(evals: list[dict]) -> list[tuple[str, str, str]]:
     return [(f"{n} sq. {name}", f"inpaint_{n}sq/{key}", fmt) for n in counts for name, key, fmt in INPAINTING]
 
 
+def _dynamic_columns(evals: list[dict]) -> list[tuple[str, str, str]]:
+    """Guided label -> image accuracy per weight, the FD without the label, and bits/dim per modality."""
+    keys = sorted({k for ev in evals for k in ev}, key=lambda k: (k.split("_guidance_")[0], _weight(k)))
+    guided = [(f"label→image acc., guidance {k.rsplit('_', 1)[1]}", k, "{:.3f}") for k in keys
+              if k.startswith("label/label_to_image_accuracy_guidance_")]
+    without = [("Fréchet dist. without label", k, "{:.2f}") for k in keys if k == "image/frechet_distance_without_label"]
+    bpd = [(f"bits/dim {k[4:]}", k, "{:.3f}") for k in keys if k.startswith("bpd/") and k != "bpd/total"]
+    total = [("bits/dim total", "bpd/total", "{:.3f}")] if "bpd/total" in keys else []
+    return guided + without + bpd + total
+
+
+def _weight(key: str) -> float:
+    """The number a key ends with (`..._guidance_2` -> 2.0), else 0."""
+    try:
+        return float(key.rsplit("_", 1)[-1])
+    except ValueError:
+        return 0.0
+
+
 def _load(workdir: str) -> tuple[dict, dict, str]:
-    if not os.path.exists(os.path.join(workdir, "eval.json")):
-        raise SystemExit(f"error: no eval.json in {workdir}: run the main job (or --mode eval) on it first.")
-    with open(os.path.join(workdir, "eval.json")) as f:
+    """A workdir (its eval.json) or an eval_<tag>.json inside one."""
+    eval_path = workdir if workdir.endswith(".json") else os.path.join(workdir, "eval.json")
+    workdir = os.path.dirname(eval_path)
+    if not os.path.exists(eval_path):
+        raise SystemExit(f"error: no {eval_path}: run the main job (or --mode eval) on it first.")
+    with open(eval_path) as f:
         ev = json.load(f)
     with open(os.path.join(workdir, "config.json")) as f:
         config = json.load(f)
@@ -55,16 +79,25 @@ def _load(workdir: str) -> tuple[dict, dict, str]:
     return ev, config, train_time
 
 
+def _row_name(path: str) -> str:
+    """runs/x -> x; runs/x/eval_dpm25.json -> x (dpm25)."""
+    if path.endswith(".json"):
+        tag = os.path.basename(path)[len("eval_"):-len(".json")]
+        return f"{os.path.basename(os.path.dirname(os.path.abspath(path)))} ({tag})"
+    return os.path.basename(os.path.normpath(path))
+
+
 def table(workdirs: list[str]) -> str:
     """One markdown table; columns no row has are left out."""
     loaded = [(w, *_load(w)) for w in workdirs]
     evals = [ev for _, ev, _, _ in loaded]
     columns = [c for c in COLUMNS if any(c[1] in ev for ev in evals)] + _inpainting_columns(evals)
+    columns += _dynamic_columns(evals)
     header = ["run", "modalities", "steps", "train time"] + [name for name, _, _ in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for workdir, ev, config, train_time in loaded:
         modalities = "+".join(sorted(config["modalities"], key=lambda n: n != config["primary"]))
-        cells = [os.path.basename(os.path.normpath(workdir)), modalities, str(ev["step"]), train_time]
+        cells = [_row_name(workdir), modalities, str(ev["step"]), train_time]
         cells += [fmt.format(ev[key]) if key in ev else "–" for _, key, fmt in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

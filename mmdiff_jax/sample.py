@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -37,8 +37,8 @@ class Generator:
     def _predict_fn(self, params):
         mods = self.diff.modalities
 
-        def predict(zt, t):
-            eps_hat, heads = nnx.merge(self.graphdef, params)(zt, t)
+        def predict(zt, t, present=None):
+            eps_hat, heads = nnx.merge(self.graphdef, params)(zt, t, present)
             return eps_hat, mods.expected_encodings(heads, zt.shape[0]), heads
 
         return predict
@@ -49,29 +49,41 @@ class Generator:
         latent_shape = tuple(self.config.latent_shape)
         chain = self.chain  # built here, outside the trace
 
-        @functools.partial(jax.jit, static_argnames=("batch_size", "has_z0"))
-        def run(params, key, known_enc, known_mask, known_z0, known_pixels, batch_size, has_z0):
+        @functools.partial(jax.jit, static_argnames=("batch_size", "has_z0", "guidance"))
+        def run(params, key, known_enc, known_mask, known_z0, known_pixels, present, batch_size, has_z0, guidance):
             return samplers.sample(
                 chain, self._predict_fn(params), key, batch_size, latent_shape, method=cfg.sampler,
                 eta=cfg.eta, known_z0=known_z0 if has_z0 else None, known_enc=known_enc, known_mask=known_mask,
-                clip_z0=cfg.clip_z0, known_pixels=known_pixels,
+                clip_z0=cfg.clip_z0, known_pixels=known_pixels, present=present, guidance=guidance,
             )
 
         return run
 
     def generate(self, key: jax.Array, num: int, given: Mapping[str, np.ndarray] | None = None,
-                 known_pixels: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+                 known_pixels: tuple[np.ndarray, np.ndarray] | None = None, absent: Sequence[str] = (),
+                 guidance: Mapping[str, float] | None = None) -> dict[str, np.ndarray]:
         """Generate `num` examples of every modality; `given` maps modality names to data of the given ones.
         `known_pixels` = (images [num, *S], known [num, *S] bool) inpaints the primary by replacement (see
-        `samplers.sample`).
+        `samplers.sample`). For a model trained with modality dropout: `absent` names auxiliary modalities left out
+        of the process (marginal generation), and `guidance` maps given modalities to classifier-free guidance
+        weights (default `sample.guidance`; interval `sample.guidance_interval`).
 
-        Returns {modality name: data} for every modality (the given ones are passed through).
+        Returns {modality name: data} for every modality (the given ones are passed through; absent ones are the
+        heads' outputs, which were not used).
         """
         given = dict(given or {})
         mods = self.diff.modalities
-        unknown = sorted(set(given) - set(mods.names))
+        aux_names = [m.name for m in mods.aux]
+        unknown = sorted((set(given) - set(mods.names)) | (set(absent) - set(aux_names)))
         if unknown:
-            raise ValueError(f"given modalities {unknown} are not among the model's {mods.names}.")
+            raise ValueError(f"given or absent modalities {unknown} are not among the model's {mods.names}.")
+        guides = self._guidance(dict(self.config.sample.guidance) if guidance is None else dict(guidance))
+        present = None
+        if absent or guides:
+            if not mods.conditions_on_presence:
+                raise UserError("absent modalities and guidance need a model trained with modality dropout "
+                                "(modalities.<name>.dropout > 0).")
+            present = jnp.asarray([name not in absent for name in aux_names])
         latent_shape = tuple(self.config.latent_shape)
         n_aux = len(mods.aux)
         known_mask = np.array([m.name in given for m in mods.aux], bool)
@@ -89,7 +101,7 @@ class Generator:
             z0_in = part[mods.primary.name] if has_z0 else jnp.zeros((bs,) + latent_shape, jnp.float32)
             pixels = None if known_pixels is None else tuple(jnp.asarray(np.asarray(a)[idx]) for a in known_pixels)
             z0, heads = self._sample_jit(self.params, jax.random.fold_in(key, i), known_enc, jnp.asarray(known_mask),
-                                         z0_in, pixels, batch_size=bs, has_z0=has_z0)
+                                         z0_in, pixels, present, batch_size=bs, has_z0=has_z0, guidance=guides)
             take = min(bs, num - start)
             image = np.asarray(part[mods.primary.name]) if has_z0 else np.clip(np.asarray(z0), -1.0, 1.0)
             outputs[mods.primary.name].append(image[:take])
@@ -97,6 +109,17 @@ class Generator:
                 value = np.asarray(part[m.name]) if m.name in given else np.asarray(m.decode(heads[m.name]))
                 outputs[m.name].append(value[:take])
         return {k: np.concatenate(v, axis=0) for k, v in outputs.items()}
+
+
+    def _guidance(self, weights: Mapping[str, float]) -> tuple[samplers.Guidance, ...]:
+        """{aux modality name: weight} (zero weights dropped) -> the samplers' Guidance, with the configured interval."""
+        aux_names = [m.name for m in self.diff.modalities.aux]
+        bad = sorted(set(weights) - set(aux_names))
+        if bad:
+            raise UserError(f"sample.guidance: {bad} are not auxiliary modalities of the model ({aux_names}).")
+        low, high = tuple(self.config.sample.guidance_interval)
+        return tuple(samplers.Guidance(aux_names.index(name), float(w), int(low), int(high))
+                     for name, w in sorted(weights.items()) if float(w) != 0.0)
 
 
 def load_generator(config, workdir: str) -> Generator:

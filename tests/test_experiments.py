@@ -196,3 +196,6 @@ def test_report_groups_runs_by_dataset_and_keeps_only_filled_columns(tmp_path):
     inpaint = report.table([d])
     assert "| 1 sq. masked MSE | 1 sq. PSNR dB | 1 sq. LPIPS | 3 sq. masked MSE |" in inpaint
     assert "| inpaint | image+masked | 10 | 1.5 min | 0.500 | 9.03 | 0.050 | 0.250 | 12.04 | 0.100 |" in inpaint
+    (tmp_path / "inpaint" / "eval_fast.json").write_text(json.dumps({"step": 10, "inpaint_1sq/masked_mse": 0.75}))
+    tagged = report.table([d, str(tmp_path / "inpaint" / "eval_fast.json")])
+    assert "| inpaint (fast) | image+masked | 10 | 1.5 min | 0.750 |" in tagged

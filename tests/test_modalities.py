@@ -73,7 +73,7 @@ def test_bad_batches_name_the_modality(batch, match):
 
 
 def test_bad_modality_configs():
-    with pytest.raises(M.ModalityError, match=r"unknown kind 'audio'; the registered kinds are \['image', 'label', 'mask', 'vector'\]"):
+    with pytest.raises(M.ModalityError, match=r"unknown kind 'audio'; the registered kinds are \['image', 'label', 'mask', 'pixels', 'vector'\]"):
         M.build_modalities([M.ModalitySpec("image", "image", shape=LATENT), M.ModalitySpec("a", "audio")], LATENT)
     with pytest.raises(M.ModalityError, match="the first modality must be the one primary image modality"):
         M.build_modalities([M.ModalitySpec("label", "label", num_classes=3)], LATENT)

@@ -178,3 +178,108 @@ def test_clip_eps_clips_the_implied_z0_and_leaves_in_range_estimates_alone():
     # jit agrees
     np.testing.assert_allclose(jax.jit(samplers.clip_eps, static_argnums=())(sched, t, zt, eps, enc), clipped,
                                rtol=1e-6, atol=1e-6)
+
+
+def _propagate_dpm64(chain, co, m0, v0, y_start_mean):
+    """Exact output mean and variance of DPM-Solver++(2M) under the oracle, in float64: the sampler is deterministic
+    and the oracle linear, so y = alpha * xi + beta (xi = y_K - mean ~ N(0, 1)) at every step; the previous step's
+    ẑ_0 is carried the same way."""
+    sched = chain.sched
+    abar, s = np.asarray(sched.abar, np.float64), np.sqrt(np.asarray(sched.s2, np.float64))
+    with np.errstate(divide="ignore"):
+        lam = np.log(abar) - np.log(s)
+    num = chain.num_steps
+    alpha, beta, prev_alpha, prev_beta = 1.0, np.asarray(y_start_mean, np.float64), 0.0, 0.0
+    for k in range(num, 0, -1):
+        tau = chain.model_t[k]
+        V = co.abar[tau] ** 2 * v0 + co.s2[tau]
+        g, h = s[k] / V, -s[k] * co.abar[tau] * m0 / V  # eps_hat = g * y + h
+        x_alpha, x_beta = (1 - s[k] * g) / abar[k] * alpha, ((1 - s[k] * g) * beta - s[k] * h) / abar[k]
+        if k in (num, 1):
+            d_alpha, d_beta = x_alpha, x_beta
+        else:
+            r = (lam[k] - lam[k + 1]) / (lam[k - 1] - lam[k])
+            d_alpha = (1 + 0.5 / r) * x_alpha - 0.5 / r * prev_alpha
+            d_beta = (1 + 0.5 / r) * x_beta - 0.5 / r * prev_beta
+        ratio = s[k - 1] / s[k]
+        coef = abar[k - 1] - ratio * abar[k]
+        alpha, beta = ratio * alpha + coef * d_alpha, ratio * beta + coef * d_beta
+        prev_alpha, prev_beta = x_alpha, x_beta
+    return beta, alpha**2
+
+
+@pytest.mark.parametrize("num_aux", [0, 2])
+def test_dpm_solver_moments_match_its_exact_recursion(num_aux):
+    betas, weights = _betas_weights(num_aux)
+    co = schedules.compute_coefficients(np.sqrt(1 - betas), weights, betas)
+    full = schedules.make_schedule(betas, weights)
+    chain = samplers.respace(betas, weights, 20)
+    m0, v0, n, dims = 0.3, 0.25, 100_000, 2
+    enc_one = 3.0 * jax.random.normal(jax.random.key(1), (num_aux, dims))
+    enc = jnp.broadcast_to(enc_one, (n, num_aux, dims))
+    predict = _oracle(full.abar, full.s, full.c, m0, v0, enc)
+    z0, _ = jax.jit(lambda k: samplers.sample(chain, predict, k, n, (dims,), method="dpm2m", known_enc=enc,
+                                              known_mask=jnp.ones((num_aux,), bool)))(jax.random.key(0))
+    y_start = -(co.c[-1] @ np.asarray(enc_one, np.float64)) if num_aux else np.zeros(dims)
+    exp_mean, exp_var = _propagate_dpm64(chain, co, m0, v0, y_start)
+    emp_mean, emp_var = np.asarray(z0).mean(0), np.asarray(z0).var(0)
+    se_mean, se_var = math.sqrt(exp_var / n), exp_var * math.sqrt(2 / n)
+    np.testing.assert_array_less(np.abs(emp_mean - exp_mean), 5 * se_mean)
+    np.testing.assert_array_less(np.abs(emp_var - exp_var), 5 * se_var)
+
+
+def test_dpm_solver_reaches_the_data_variance_in_a_tenth_of_the_steps():
+    """Exact recursions (float64) for z_0 ~ N(0.3, 0.25): relative variance error of each sampler's output.
+    Measured: DPM-Solver++(2M) 25 steps -4.3%, 50 steps +0.2%; DDIM 100 steps -5.7%; ancestral 250 steps -5.6%."""
+    betas, weights = _betas_weights(0)
+    co = schedules.compute_coefficients(np.sqrt(1 - betas), weights, betas)
+    m0, v0 = 0.3, 0.25
+
+    def var_error(method, steps):
+        chain = samplers.respace(betas, weights, steps)
+        if method == "dpm2m":
+            return abs(_propagate_dpm64(chain, co, m0, v0, np.zeros(1))[1] / v0 - 1)
+        return abs(_propagate64(chain, co, m0, v0, method, np.zeros(1))[1] / v0 - 1)
+
+    assert var_error("dpm2m", 25) < var_error("ddpm", 250) and var_error("dpm2m", 25) < var_error("ddim", 100)
+    assert var_error("dpm2m", 50) < 0.01
+    assert var_error("dpm2m", 10) < var_error("ddim", 10) < var_error("ddpm", 10)
+
+
+def test_guidance_combines_the_full_and_dropped_predictions():
+    """One step with fake predictions: ε̂_full = 1 while modality 0 is kept, 3 without it, so ε̃ = 1 + w (1 - 3);
+    DDIM's output is linear in ε̃. Outside the interval, and at w = 0, the step equals the unguided one."""
+    betas, weights = _betas_weights(2, num_steps=100)
+    chain = samplers.respace(betas, weights, 10)
+    seen = []
+
+    def predict(z, t, present=None):
+        present = jnp.ones((z.shape[0], 2), bool) if present is None else present
+        seen.append(present)
+        eps = jnp.where(present[:, :1], 1.0, 3.0) * jnp.ones_like(z)
+        return eps, jnp.zeros((z.shape[0], 2) + z.shape[1:]), {}
+
+    z = jnp.ones((3, 4))
+    known_enc = jnp.zeros((3, 2, 4))
+
+    def one_step(guidance, k=5):
+        step = samplers.make_reverse_step(chain, predict, jax.random.key(0), 3, (4,), method="ddim",
+                                          known_enc=known_enc, known_mask=jnp.asarray([True, False]),
+                                          guidance=guidance)
+        return step(z, jnp.int32(k))[0]
+
+    plain = one_step(())
+    assert seen[-1].shape == (3, 2) and bool(seen[-1].all())
+    tau = int(chain.model_t[5])
+    for w in (0.0, 1.0, 4.0):
+        guided = one_step((samplers.Guidance(0, w),))
+        assert not bool(seen[-1][:, 0].any()) and bool(seen[-1][:, 1].all())  # the dropped pass
+        # ddim with eta 0: z_{k-1} = s_{k-1} ε̃ + (z - s_k ε̃) / a_k  (no encodings: all zero)
+        s_prev, s_k = float(chain.sched.s[4]), float(chain.sched.s[5])
+        a_k = float(chain.sched.a[5])
+        eps_t = 1.0 + w * (1.0 - 3.0)
+        np.testing.assert_allclose(guided, s_prev * eps_t + (1.0 - s_k * eps_t) / a_k, rtol=1e-5)
+        outside = one_step((samplers.Guidance(0, w, t_min=tau + 1),))
+        np.testing.assert_allclose(outside, plain, rtol=1e-6)
+    with pytest.raises(ValueError, match=r"guidance for auxiliary modality \[2\]"):
+        one_step((samplers.Guidance(2, 1.0),))

@@ -1,4 +1,5 @@
-"""Ancestral (DDPM) and DDIM samplers for the modality-driven process; the whole loop is one `lax.scan`.
+"""Ancestral (DDPM), DDIM and DPM-Solver++(2M) samplers for the modality-driven process; the whole loop is one
+`lax.scan`. Classifier-free guidance per auxiliary modality for models trained with modality dropout.
 
 Respacing. Sampling on a subsequence 0 = τ_0 < τ_1 < ... < τ_K = T of the training steps is itself a member of the
 affine-Gaussian family: the transition τ_{k-1} -> τ_k has
@@ -56,6 +57,20 @@ def respace(betas: np.ndarray, weights: np.ndarray, num_steps: int) -> SamplingC
     return SamplingChain(sched=sched, model_t=taus.astype(np.int32))
 
 
+METHODS = ("ddpm", "ddim", "dpm2m")
+
+
+@dataclasses.dataclass(frozen=True)
+class Guidance:
+    """Classifier-free guidance for auxiliary modality `index`: ε̃ = ε̂ + weight (ε̂ - ε̂_without), applied where the
+    training step t lies in [t_min, t_max] (see `make_reverse_step`)."""
+
+    index: int
+    weight: float
+    t_min: int = 0
+    t_max: int = 1 << 30
+
+
 def make_reverse_step(
     chain: SamplingChain,
     predict_fn: PredictFn,
@@ -70,12 +85,14 @@ def make_reverse_step(
     known_mask: jax.Array | None = None,
     clip_z0: bool = False,
     known_pixels: tuple[jax.Array, jax.Array] | None = None,
-) -> Callable[[jax.Array, jax.Array], tuple[jax.Array, Any]]:
-    """One reverse step k -> k-1 of the chain, `step(z_k, k) -> (z_{k-1}, head outputs)`; its noise is
-    `fold_in(key, k)`. `sample` scans it; anything else (a Python loop, a benchmark) can call it step by step.
-    The arguments are those of `sample`."""
-    if method not in ("ddpm", "ddim"):
-        raise UserError(f"sample.sampler: unknown sampler {method!r}; choose 'ddpm' or 'ddim'.")
+    present: jax.Array | None = None,
+    guidance: tuple[Guidance, ...] = (),
+) -> Callable[[Any, jax.Array], tuple[Any, Any]]:
+    """One reverse step k -> k-1 of the chain, `step(carry, k) -> (carry, head outputs)`; the carry is z_k (for
+    'dpm2m': (z_k, the previous step's ẑ_0)) and the step's noise is `fold_in(key, k)`. `sample` scans it; anything
+    else (a Python loop, a benchmark) can call it step by step. The arguments are those of `sample`."""
+    if method not in METHODS:
+        raise UserError(f"sample.sampler: unknown sampler {method!r}; choose one of {', '.join(METHODS)}.")
     sched = chain.sched
     model_t = jnp.asarray(chain.model_t)
     n = sched.num_modalities
@@ -83,16 +100,44 @@ def make_reverse_step(
         known_mask = jnp.zeros((n,), bool)
     if known_enc is None:
         known_enc = jnp.zeros((batch_size, n) + tuple(latent_shape), jnp.float32)
-    mask = jnp.asarray(known_mask).reshape((1, n) + (1,) * len(latent_shape))
+    if guidance and present is None:
+        present = jnp.ones((n,), bool)
+    bad = [g.index for g in guidance if not 0 <= g.index < n]
+    if bad:
+        raise ValueError(f"guidance for auxiliary modality {bad}: the model has {n}.")
+    per_mod = (1, n) + (1,) * len(latent_shape)  # [N] -> broadcast against [B, N, *S]
+    mask = jnp.asarray(known_mask).reshape(per_mod)
+    lam = _log_snr(sched)  # [K+1], +inf at k = 0
 
-    def step(z, k):
-        t = jnp.full((batch_size,), k, jnp.int32)
-        eps_model, enc_model, heads = predict_fn(z, jnp.full((batch_size,), model_t[k], jnp.int32))
+    def encodings_and_eps(z, t, t_model, keep):
+        """ε̂ conditioned on the known encodings, and ê, with the modalities outside `keep` [N] dropped."""
+        if keep is None:
+            eps_model, enc_model, heads = predict_fn(z, t_model)
+        else:
+            eps_model, enc_model, heads = predict_fn(z, t_model, jnp.broadcast_to(keep, (batch_size, n)))
+            enc_model = enc_model * keep.reshape(per_mod)  # a dropped modality does not drive the process
         enc_hat = jnp.where(mask, known_enc, enc_model)
-        eps_hat = condition_eps(sched, t, z, eps_model, enc_model, enc_hat)
+        if keep is not None:
+            enc_hat = enc_hat * keep.reshape(per_mod)
+        return condition_eps(sched, t, z, eps_model, enc_model, enc_hat), enc_hat, heads
+
+    def step(carry, k):
+        z, x0_prev = carry if method == "dpm2m" else (carry, None)
+        t = jnp.full((batch_size,), k, jnp.int32)
+        t_model = jnp.full((batch_size,), model_t[k], jnp.int32)
+        eps_hat, enc_hat, heads = encodings_and_eps(z, t, t_model, present)
+        guided = eps_hat
+        for g in guidance:  # ε̂_without: the latent with modality i's shift removed, and i marked absent
+            keep = present.at[g.index].set(False)
+            z_without = z - process.mix_modalities(sched.c, t, enc_hat * (~keep).reshape(per_mod))
+            eps_without, _, _ = encodings_and_eps(z_without, t, t_model, keep)
+            active = (model_t[k] >= g.t_min) & (model_t[k] <= g.t_max)
+            guided = guided + jnp.where(active, g.weight, 0.0) * (eps_hat - eps_without)
+        eps_hat = guided
         if clip_z0:
             eps_hat = clip_eps(sched, t, z, eps_hat, enc_hat)
         noise = jax.random.normal(jax.random.fold_in(key, k), z.shape, jnp.float32)
+        x0 = None
         if known_z0 is not None:
             mean, var = process.q_posterior(sched, t, z, known_z0, enc_hat)
             z_next = mean + jnp.sqrt(var) * noise
@@ -100,12 +145,17 @@ def make_reverse_step(
             mean = process.p_mean(sched, t, z, eps_hat, enc_hat)
             var = process.per_example(sched.post_var, t, z)
             z_next = mean + jnp.sqrt(var) * noise
-        else:
+        elif method == "ddim":
             z_next = ddim_step(sched, t, z, eps_hat, enc_hat, noise, eta)
+        else:
+            x0 = process.predict_z0(sched, t, z, eps_hat, enc_hat)
+            z_next = dpm_solver_2m_step(sched, lam, k, chain.num_steps, z, x0, x0_prev, enc_hat)
         if known_pixels is not None:
             values, where = known_pixels
             fresh = jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, k), 1), z.shape, jnp.float32)
             z_next = jnp.where(where, process.q_sample(sched, t - 1, values, enc_hat, fresh), z_next)
+        if method == "dpm2m":
+            return (z_next, x0 if x0 is not None else z_next), heads
         return z_next, heads
 
     return step
@@ -125,35 +175,69 @@ def sample(
     known_mask: jax.Array | None = None,
     clip_z0: bool = False,
     known_pixels: tuple[jax.Array, jax.Array] | None = None,
+    present: jax.Array | None = None,
+    guidance: tuple[Guidance, ...] = (),
 ) -> tuple[jax.Array, Any]:
     """Run the reverse chain from z_K ~ N(0, I) to z_0.
 
     Args:
-      method: 'ddpm' (ancestral, variance sigma~^2) or 'ddim' (eta = 0 deterministic; eta = 1 ancestral-like).
+      method: 'ddpm' (ancestral, variance sigma~^2), 'ddim' (eta = 0 deterministic; eta = 1 ancestral-like) or
+        'dpm2m' (DPM-Solver++(2M) on the probability-flow ODE, see `dpm_solver_2m_step`).
       known_z0: [B, *S] a given primary (image -> other modalities), or None.
       known_enc: [B, N, *S] true encodings of the given auxiliary modalities; used where known_mask [N] is True.
       clip_z0: clip each step's ẑ_0 to the data range [-1, 1] (see `clip_eps`).
       known_pixels: (values [B, *S], where [B, *S] bool): inpainting by replacement (score-SDE style) for a model
         that has no masked-image modality: after every step the known latent entries are overwritten by a fresh
         draw of q(z_{k-1} | z_0 = values, ê), so they end exactly at `values`.
+      present: [N] bool, for a model trained with modality dropout: the auxiliary modalities that drive the process
+        (False = left out: marginal generation without them); None = the model's default (all).
+        predict_fn is then called as predict_fn(z, t, present [B, N]).
+      guidance: classifier-free guidance per auxiliary modality (`Guidance`), for models trained with dropout.
     Returns:
       z_0 [B, *S] (the final mean, no noise added) and the heads' outputs at the last step (t = τ_1).
     """
     init_key, loop_key = jax.random.split(key)
     step = make_reverse_step(chain, predict_fn, loop_key, batch_size, latent_shape, method=method, eta=eta,
                              known_z0=known_z0, known_enc=known_enc, known_mask=known_mask, clip_z0=clip_z0,
-                             known_pixels=known_pixels)
+                             known_pixels=known_pixels, present=present, guidance=guidance)
     z_init = jax.random.normal(init_key, (batch_size,) + tuple(latent_shape), jnp.float32)
+    carry_init = (z_init, jnp.zeros_like(z_init)) if method == "dpm2m" else z_init
     last = jnp.int32(chain.num_steps)
-    heads_init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(step, z_init, last)[1])
+    heads_init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(step, carry_init, last)[1])
 
     def body(carry, k):  # carries only the latest heads, not one per step
-        z_next, heads = step(carry[0], k)
-        return (z_next, heads), None
+        carry_next, heads = step(carry[0], k)
+        return (carry_next, heads), None
 
     steps = jnp.arange(chain.num_steps, 0, -1, dtype=jnp.int32)  # K .. 1
-    (z0, last_heads), _ = jax.lax.scan(body, (z_init, heads_init), steps)
-    return z0, last_heads
+    (final, last_heads), _ = jax.lax.scan(body, (carry_init, heads_init), steps)
+    return (final[0] if method == "dpm2m" else final), last_heads
+
+
+def _log_snr(sched: schedules.Schedule) -> jax.Array:
+    """λ_k = log(abar_k / s_k) [K+1] (+inf at k = 0, where s_0 = 0)."""
+    return jnp.log(sched.abar) - jnp.log(sched.s)
+
+
+def dpm_solver_2m_step(sched, lam, k, num_steps, zt, x0, x0_prev, enc_hat) -> jax.Array:
+    """DPM-Solver++(2M) (Lu et al. 2022, data prediction) on y_t = z_t - sum c_t ê, which is a plain DDPM chain with
+    signal abar_t and noise s_t, shifted back with the same ê (as in `ddim_step`):
+
+        y_{k-1} = (s_{k-1} / s_k) y_k + (abar_{k-1} - s_{k-1} abar_k / s_k) D,      [= -abar_{k-1}(e^{-h} - 1) D]
+        D = (1 + 1/(2r)) ẑ_0 - 1/(2r) ẑ_0^{prev},  h = λ_{k-1} - λ_k,  r = h_prev / h,  λ = log(abar / s).
+
+    The first step (k = K) and the last (k = 1, h = inf) are first order (D = ẑ_0: DDIM with eta = 0).
+    k is a traced scalar; zt, x0, x0_prev [B, *S]; enc_hat [B, N, *S].
+    """
+    y = zt - process.mix_modalities(sched.c, jnp.full((zt.shape[0],), k, jnp.int32), enc_hat)
+    h = lam[k - 1] - lam[k]
+    h_prev = lam[k] - lam[jnp.minimum(k + 1, num_steps)]
+    first_order = (k == num_steps) | (k == 1)
+    r = jnp.where(first_order, 1.0, h_prev / jnp.where(first_order, 1.0, h))
+    d = jnp.where(first_order, x0, (1.0 + 0.5 / r) * x0 - (0.5 / r) * x0_prev)
+    ratio = sched.s[k - 1] / sched.s[k]
+    y_next = ratio * y + (sched.abar[k - 1] - ratio * sched.abar[k]) * d
+    return y_next + process.mix_modalities(sched.c, jnp.full((zt.shape[0],), k - 1, jnp.int32), enc_hat)
 
 
 def condition_eps(sched, t, zt, eps_model, enc_model, enc_hat) -> jax.Array:

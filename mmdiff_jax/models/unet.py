@@ -65,9 +65,13 @@ class UNet(nnx.Module):
                                  kernel_init=nnx.initializers.zeros_init())
         self.feature_dim = cfg.channels[-1] + cfg.channels[0]
 
-    def __call__(self, zt: jax.Array, t: jax.Array) -> tuple[jax.Array, Features]:
+    def __call__(self, zt: jax.Array, t: jax.Array, extra_temb: jax.Array | None = None
+                 ) -> tuple[jax.Array, Features]:
+        """zt [B, H, W, C], t [B], extra_temb [B, temb_dim] added to the time embedding (or None)."""
         dtype = jnp.dtype(self.cfg.dtype)
         temb = self.time(t.astype(jnp.float32))
+        if extra_temb is not None:
+            temb = temb + extra_temb.astype(temb.dtype)
         h = self.conv_in(zt.astype(dtype))
         skips = [h]
         for block in self.down:

@@ -1,0 +1,116 @@
+"""Modality dropout (one model for the joint, the marginals and the conditionals), classifier-free guidance per
+modality, and the per-modality ELBO in `--mode eval`, on a tiny image + label model."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import digits_image_label, tiny
+from mmdiff_jax import config_check, evaluate, objective, sample, train
+from mmdiff_jax.config_check import ConfigError
+from mmdiff_jax.diffusion import process
+from mmdiff_jax.errors import UserError
+
+
+class _Recorder(nnx.Module):
+    """A stand-in model that records what the loss gives it: ε̂ = 0, label logits 0."""
+
+    def __init__(self):
+        self.seen = []
+
+    def __call__(self, zt, t, present=None):
+        self.seen.append((zt, t, present))
+        return jnp.zeros_like(zt), {"label": jnp.zeros((zt.shape[0], 10))}
+
+
+def test_dropout_zeroes_the_encoding_and_the_head_loss_of_dropped_examples():
+    config = tiny.get_config("dropout")
+    config.modalities.label["dropout"] = 0.5
+    diff = objective.build_diffusion(config)
+    assert diff.modalities.conditions_on_presence
+    rng = np.random.default_rng(0)
+    batch = {"image": jnp.asarray(rng.uniform(-1, 1, size=(512, 8, 8, 1)), jnp.float32),
+             "label": jnp.asarray(rng.integers(0, 10, size=512), jnp.int32)}
+    model, key = _Recorder(), jax.random.key(3)
+    _, metrics = objective.compute_loss(model, diff, batch, key)
+    zt, t, present = model.seen[-1]
+    assert present.shape == (512, 1) and 0.4 < float(present.mean()) < 0.6
+    # the same draws as compute_loss: t and ε from the key, and the label's encoding only where present
+    t_key, eps_key = jax.random.split(key)
+    np.testing.assert_array_equal(t, process.sample_timesteps(t_key, 512, diff.num_steps))
+    eps = jax.random.normal(eps_key, (512, 8, 8, 1), jnp.float32)
+    enc = diff.modalities.encode(batch) * present.reshape(512, 1, 1, 1, 1)
+    np.testing.assert_allclose(zt, process.q_sample(diff.sched, t, batch["image"], enc, eps), atol=1e-6)
+    np.testing.assert_allclose(metrics["nll/label"], np.log(10.0), rtol=1e-5)  # the mean over the kept examples
+    no_dropout = tiny.get_config()
+    diff0 = objective.build_diffusion(no_dropout)
+    objective.compute_loss(model, diff0, batch, key)
+    assert model.seen[-1][2] is None and not diff0.modalities.conditions_on_presence
+
+
+def test_guidance_and_dropout_config_errors_name_the_field():
+    config = tiny.get_config()  # no dropout
+    config.sample.guidance = {"label": 2.0, "image": 1.0}
+    config.sample.guidance_interval = (500, 100)
+    config.modalities.label["dropout"] = 1.0
+    with pytest.raises(ConfigError) as err:
+        config_check.validate(config, device_count=2, process_count=1)
+    for text in ("modalities.label.dropout: must be a probability in [0, 1)", "sample.guidance.image: not an "
+                 "auxiliary modality", "sample.guidance_interval", ):
+        assert text in str(err.value)
+    config_check.validate(digits_image_label.get_config("any_direction"), device_count=2, process_count=1)
+    plain = tiny.get_config()
+    plain.sample.guidance = {"label": 2.0}
+    with pytest.raises(ConfigError, match="sample.guidance: needs a model trained with modality dropout"):
+        config_check.validate(plain, device_count=2, process_count=1)
+
+
+@pytest.fixture(scope="module")
+def dropout_run(tmp_path_factory):
+    config = tiny.get_config("dropout")
+    workdir = str(tmp_path_factory.mktemp("dropout"))
+    train.train(config, workdir)
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return config, workdir, [json.loads(line) for line in f]
+
+
+def test_one_model_samples_joint_marginal_conditional_and_guided(dropout_run):
+    config, workdir, metrics = dropout_run
+    assert len(metrics) == 40 and all(np.isfinite(m["loss/total"]) for m in metrics)
+    gen = sample.load_generator(config, workdir)
+    presence = nnx.merge(gen.graphdef, gen.params).presence
+    assert presence is not None and float(jnp.abs(presence.kernel[...]).sum()) > 0  # it learned something
+    labels = np.arange(6, dtype=np.int32) % 10
+    joint = gen.generate(jax.random.key(0), 6)
+    marginal = gen.generate(jax.random.key(0), 6, absent=["label"])
+    assert marginal["image"].shape == joint["image"].shape == (6, 8, 8, 1)
+    assert not np.allclose(marginal["image"], joint["image"])  # the label's shift is left out
+    cond = gen.generate(jax.random.key(1), 6, given={"label": labels})
+    same = gen.generate(jax.random.key(1), 6, given={"label": labels}, guidance={"label": 0.0})
+    np.testing.assert_array_equal(cond["image"], same["image"])  # weight 0 is the plain conditional
+    guided = gen.generate(jax.random.key(1), 6, given={"label": labels}, guidance={"label": 3.0})
+    np.testing.assert_array_equal(guided["label"], labels)
+    assert not np.allclose(guided["image"], cond["image"])
+    with pytest.raises(ValueError, match=r"given or absent modalities \['colour'\]"):
+        gen.generate(jax.random.key(1), 6, absent=["colour"])
+    with pytest.raises(UserError, match="sample.guidance: \\['image'\\] are not auxiliary"):
+        gen.generate(jax.random.key(1), 6, guidance={"image": 1.0})
+
+
+def test_eval_reports_guided_accuracy_and_bits_per_dim_by_modality(dropout_run):
+    config, workdir, _ = dropout_run
+    results = evaluate.evaluate(config, workdir)
+    for w in ("0", "2"):
+        assert 0.0 <= results[f"label/label_to_image_accuracy_guidance_{w}"] <= 1.0
+    assert results["image/frechet_distance_without_label"] > 0
+    assert results["elbo/num_examples"] == 16
+    bpd_image, bpd_label, total = results["bpd/image"], results["bpd/label"], results["bpd/total"]
+    assert bpd_image > 0 and bpd_label > 0 and np.isfinite(total)
+    # the total is the dimension-weighted mean of the parts (64 image dims, 1 label dim)
+    np.testing.assert_allclose(total, (64 * bpd_image + bpd_label) / 65, rtol=1e-5)
+    assert bpd_label < 1.2 * np.log2(10)  # a label costs at most about log2(10) bits after 40 steps
