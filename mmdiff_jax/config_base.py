@@ -31,7 +31,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.model.blocks_per_level = 1
     c.model.groups = 8  # GroupNorm groups
     c.model.temb_dim = 128
-    c.model.dtype = "float32"  # compute dtype (params are always float32)
+    c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params, optimizer, loss math stay float32)
+    c.model.remat = False  # gradient checkpointing per U-Net ResBlock (memory for FLOPs; same numbers)
 
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.num_steps = 1000  # T

@@ -47,7 +47,7 @@ def unet_config(config) -> UNetConfig:
     m = config.model
     return UNetConfig(
         latent_channels=config.latent_shape[-1], channels=tuple(m.channels), blocks_per_level=m.blocks_per_level,
-        groups=m.groups, temb_dim=m.temb_dim, dtype=m.dtype,
+        groups=m.groups, temb_dim=m.temb_dim, dtype=m.dtype, remat=bool(m.get("remat", False)),
     )
 
 

@@ -21,6 +21,7 @@ class UNetConfig:
     groups: int = 8
     temb_dim: int = 128
     dtype: str = "float32"  # compute dtype; params stay float32
+    remat: bool = False  # recompute each ResBlock's activations in the backward pass (less memory, more FLOPs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,23 +70,29 @@ class UNet(nnx.Module):
                  ) -> tuple[jax.Array, Features]:
         """zt [B, H, W, C], t [B], extra_temb [B, temb_dim] added to the time embedding (or None)."""
         dtype = jnp.dtype(self.cfg.dtype)
+        res = nnx.remat(_res_block) if self.cfg.remat else _res_block
         temb = self.time(t.astype(jnp.float32))
         if extra_temb is not None:
             temb = temb + extra_temb.astype(temb.dtype)
         h = self.conv_in(zt.astype(dtype))
         skips = [h]
         for block in self.down:
-            h = block(h, temb) if isinstance(block, ResBlock) else block(h)
+            h = res(block, h, temb) if isinstance(block, ResBlock) else block(h)
             skips.append(h)
         for block in self.mid:
-            h = block(h, temb)
+            h = res(block, h, temb)
         mid_pooled = jnp.mean(h, axis=(1, 2))  # [B, C_last]
         for block in self.up:
             if isinstance(block, ResBlock):
-                h = block(jnp.concatenate([h, skips.pop()], axis=-1), temb)
+                h = res(block, jnp.concatenate([h, skips.pop()], axis=-1), temb)
             else:
                 h = block(h)
         fmap = nnx.silu(self.norm_out(h))  # [B, H, W, C0]
         eps_hat = self.conv_out(fmap).astype(jnp.float32)
         pooled = jnp.concatenate([mid_pooled, jnp.mean(fmap, axis=(1, 2))], axis=-1).astype(jnp.float32)
         return eps_hat, Features(pooled=pooled, fmap=fmap.astype(jnp.float32), temb=temb.astype(jnp.float32))
+
+
+def _res_block(block: ResBlock, h: jax.Array, temb: jax.Array) -> jax.Array:
+    """One ResBlock application (the unit that `UNetConfig.remat` checkpoints)."""
+    return block(h, temb)
