@@ -84,6 +84,10 @@ class Modality:
     def _fail(self, msg: str) -> None:
         raise ModalityError(f"modality '{self.name}' ({self.kind}): {msg}")
 
+    def _require_latent_shape(self) -> None:
+        if tuple(self.spec.shape) != self.latent_shape:
+            self._fail(f"shape {tuple(self.spec.shape)} must equal the latent shape {self.latent_shape}.")
+
     def _check_pixels(self, x: np.ndarray, batch_size: int) -> None:
         """Images on the latent's grid: the shape, a floating dtype, finite values in [-1, 1]."""
         expected = (batch_size,) + self.latent_shape
@@ -112,8 +116,7 @@ class ImageModality(Modality):
 
     def __init__(self, spec: ModalitySpec, latent_shape: tuple[int, ...]):
         super().__init__(spec, latent_shape)
-        if tuple(spec.shape) != tuple(latent_shape):
-            self._fail(f"shape {tuple(spec.shape)} must equal the latent shape {tuple(latent_shape)}.")
+        self._require_latent_shape()
 
     def check_batch(self, x: np.ndarray, batch_size: int) -> None:
         self._check_pixels(x, batch_size)
@@ -277,8 +280,7 @@ class PixelsModality(Modality):
 
     def __init__(self, spec: ModalitySpec, latent_shape: tuple[int, ...]):
         super().__init__(spec, latent_shape)
-        if tuple(spec.shape) != tuple(latent_shape):
-            self._fail(f"shape {tuple(spec.shape)} must equal the latent shape {tuple(latent_shape)}.")
+        self._require_latent_shape()
 
     def check_batch(self, x: np.ndarray, batch_size: int) -> None:
         self._check_pixels(x, batch_size)

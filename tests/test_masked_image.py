@@ -154,6 +154,12 @@ def test_masking_config_errors_name_the_field():
         assert field in str(err.value)
 
 
+def _masked_test_digits(num: int) -> np.ndarray:
+    """The first held-out digits with two fixed 3x3 squares each: [num, 8, 8, 1]."""
+    test = sources.get_source("digits", "test").arrays["image"][:num]
+    return masking.apply_holes(test, masking.held_out_holes(num, (8, 8), 3, 2))
+
+
 def _train_tiny(preset, tmp_path_factory):
     config = tiny.get_config(preset)
     workdir = str(tmp_path_factory.mktemp(preset))
@@ -175,8 +181,7 @@ def test_masked_image_model_trains_inpaints_and_is_evaluated(masked_run):
     gen = sample.load_generator(config, workdir)
     joint = gen.generate(jax.random.key(0), 6)
     assert joint["image"].shape == (6,) + LATENT and joint["masked"].shape == (6,) + LATENT
-    test = sources.get_source("digits", "test").arrays["image"][:6]
-    masked = masking.apply_holes(test, masking.held_out_holes(6, (8, 8), 3, 2))
+    masked = _masked_test_digits(6)
     cond = gen.generate(jax.random.key(1), 6, given={"masked": masked})
     np.testing.assert_array_equal(cond["masked"], masked)
     assert cond["image"].shape == (6,) + LATENT and np.all(np.abs(cond["image"]) <= 1.0)
@@ -201,8 +206,7 @@ def test_reconstruction_only_baseline_reads_the_full_image(reconstruction_run):
     assert np.mean(nll[-5:]) < 0.5 * np.mean(nll[:5]), nll
     assert all(m["loss/l0"] > 0 for m in metrics)  # computed, but weighted 0: only the reconstruction is trained
     gen = sample.load_generator(config, workdir)
-    test = sources.get_source("digits", "test").arrays["image"][:6]
-    masked = masking.apply_holes(test, masking.held_out_holes(6, (8, 8), 3, 2))
+    masked = _masked_test_digits(6)
     out = gen.generate(jax.random.key(1), 6, given={"masked": masked})
     np.testing.assert_array_equal(out["masked"], masked)
     assert out["image"].shape == (6,) + LATENT and np.all(np.abs(out["image"]) <= 1.0)
