@@ -1,6 +1,6 @@
 """Performance benchmark (SPEC §6): prints a table and writes bench.json.
 
-    python -m mmdiff_jax.bench [--config configs/digits_image_label.py] [--out bench.json]
+    python -m mmdiff_jax.bench [--config configs/digits_image_label.py] [--out bench.json] [--torch]
 
 Measures, in one process: this machine's f32 matmul peak (2048x2048 `jnp.dot`, best of 10); the default model's
 train step at its default batch (compile time, median step time, samples/s, XLA FLOPs per step from the cost analysis
@@ -16,6 +16,7 @@ import platform
 import statistics
 import time
 
+import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -23,6 +24,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/digits_image_label.
 _OUT = flags.DEFINE_string("out", "bench.json", "Where to write the JSON results.")
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", len(os.sched_getaffinity(0)), "CPU devices (as in main).")
 _STEPS = flags.DEFINE_integer("steps", 30, "Timed train steps.")
+_TORCH = flags.DEFINE_bool("torch", False, "Also time the PyTorch reference of the same step "
+                           "(benchmarks/torch_reference.py; needs `pip install -r benchmarks/requirements.txt`).")
 
 
 def _timeit(fn, repeats: int) -> list[float]:
@@ -163,6 +166,32 @@ def bench_q_sample(config, batch: int = 128) -> dict:
     return out
 
 
+def bench_torch(config, steps: int) -> dict:
+    """The PyTorch reference (same network, loss, optimizer and batch) in this process, after the JAX runs."""
+    try:
+        import torch
+
+        from benchmarks import torch_reference
+    except ImportError as e:
+        raise SystemExit(f"error: --torch needs PyTorch ({e}); pip install -r benchmarks/requirements.txt") from None
+    from mmdiff_jax import objective
+    from mmdiff_jax.data import pipeline, sources
+
+    diff = objective.build_diffusion(config)
+    labels_mod = [m for m in diff.modalities.aux if m.kind == "label"]
+    if len(diff.modalities.aux) != 1 or not labels_mod:
+        raise SystemExit("error: the PyTorch reference models image + one label (configs/digits_image_label.py).")
+    src = sources.get_source(config.data.source, "train", **dict(config.data.source_kwargs))
+    batch = next(pipeline.train_iterator(src, config.data.global_batch_size, 0))
+    step = torch_reference.TrainStep(config, np.asarray(diff.sched.abar), np.asarray(diff.sched.s),
+                                     np.asarray(diff.sched.c), labels_mod[0].codes, np.asarray(batch["image"]),
+                                     np.asarray(batch["label"]))
+    median = statistics.median(torch_reference.time_steps(step, steps))
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(),
+            "params": torch_reference.param_count(step.model), "step_ms": 1e3 * median,
+            "samples_per_s": config.data.global_batch_size / median}
+
+
 def main(argv):
     del argv
     import jax
@@ -185,6 +214,13 @@ def main(argv):
         "sampler": bench_sampler(config),
         "q_sample": bench_q_sample(config),
     }
+    if _TORCH.value:
+        ref = bench_torch(config, _STEPS.value)
+        ref["achieved_gflops"] = flops / (ref["step_ms"] / 1e3) / 1e9  # the JAX step's FLOPs: the same network
+        ref["mfu"] = ref["achieved_gflops"] / peak
+        best = max(train_results[k]["samples_per_s"] for k in ("one_device", "all_devices"))
+        ref["jax_over_torch"] = best / ref["samples_per_s"]
+        results["torch_reference"] = ref
     with open(_OUT.value, "w") as f:
         json.dump(results, f, indent=2)
     t = results["train"]
@@ -205,6 +241,11 @@ def main(argv):
     q = results["q_sample"]
     rows.append(("q_sample t=1 vs t=T", f"{q['t_1']['flops']:.0f} vs {q['t_T']['flops']:.0f} flops, "
                                        f"{q['t_1']['us']:.0f} vs {q['t_T']['us']:.0f} µs"))
+    if "torch_reference" in results:
+        r = results["torch_reference"]
+        rows.append((f"PyTorch {r['torch']} reference, eager, {r['threads']} threads",
+                     f"{r['step_ms']:.1f} ms, {r['samples_per_s']:.0f} samples/s, MFU {100 * r['mfu']:.0f}%; "
+                     f"JAX / PyTorch samples/s = {r['jax_over_torch']:.2f}"))
     print("| measure | value |\n|---|---|")
     for name, value in rows:
         print(f"| {name} | {value} |")

@@ -1,5 +1,9 @@
 """The benchmark's pieces run on the tiny config and report what they claim (no timing assertions)."""
 
+import jax
+import numpy as np
+import pytest
+
 from configs import tiny
 from mmdiff_jax import bench
 
@@ -14,3 +18,24 @@ def test_bench_pieces_on_the_tiny_config():
     t = bench.bench_train(config, steps=2)
     assert t["flops_per_step"] > 0 and t["one_device"]["devices"] == 1 and t["all_devices"]["devices"] == 8
     assert t["one_device"]["step_ms"] > 0 and t["batch"] == 16
+
+
+def test_torch_reference_is_the_same_network():
+    """The optional PyTorch reference (benchmarks/torch_reference.py) has exactly the JAX model's parameter count and
+    its step trains; skipped where torch is not installed (it is not a dependency of the package)."""
+    torch = pytest.importorskip("torch")
+    from benchmarks import torch_reference
+    from configs import digits_image_label
+    from mmdiff_jax import objective, train
+    from mmdiff_jax.data import sources
+
+    config = digits_image_label.get_config()
+    diff = objective.build_diffusion(config)
+    _, params = train.create_model(config, diff)
+    src = sources.get_source("digits", "train").arrays
+    step = torch_reference.TrainStep(config, np.asarray(diff.sched.abar), np.asarray(diff.sched.s),
+                                     np.asarray(diff.sched.c), diff.modalities.aux[0].codes, src["image"][:16],
+                                     src["label"][:16])
+    assert torch_reference.param_count(step.model) == sum(x.size for x in jax.tree.leaves(params))
+    losses = [step() for _ in range(3)]
+    assert all(np.isfinite(losses)) and torch.get_num_threads() >= 1
