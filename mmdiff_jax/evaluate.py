@@ -68,8 +68,8 @@ def evaluate(config, workdir: str) -> dict:
             results.update(_vector_metrics(config, embed, m, joint))
     if config.eval.inpainting_counts:
         results.update(_inpainting_metrics(config, gen, key, test_src, out_dir))
-    if config.eval.elbo_examples and config.primary in test_src.arrays:
-        results.update(_likelihood_metrics(config, gen, key, test_src))
+    if config.eval.elbo_examples:
+        results.update(_likelihood_metrics(config, gen, key, masking.with_held_out_masked(config, test_src.arrays)))
     sample_lib.write_samples(out_dir, "joint", joint, gen)
     results["eval_seconds"] = time.perf_counter() - start
     if parallel.is_main_process():
@@ -183,13 +183,13 @@ def _inpainting_metrics(config, gen, key, test_src, out_dir) -> dict:
     return metrics
 
 
-def _likelihood_metrics(config, gen, key, test_src) -> dict:
+def _likelihood_metrics(config, gen, key, test_arrays) -> dict:
     """The negative ELBO of the first `eval.elbo_examples` held-out examples (every modality given), as an exact sum
     over all T steps (`losses.elbo`), in bits per dimension: the primary (prior + diffusion + reconstruction terms
     over its dimensions), each auxiliary modality (its decoder NLL at t = 1 over its own dimensions), and the total."""
     mods = gen.diff.modalities
-    num = min(config.eval.elbo_examples, len(test_src))
-    batch = {name: jnp.asarray(test_src.arrays[name][:num]) for name in mods.names}
+    num = min(config.eval.elbo_examples, len(test_arrays[mods.primary.name]))
+    batch = {name: jnp.asarray(test_arrays[name][:num]) for name in mods.names}
     z0 = batch[mods.primary.name].astype(jnp.float32)
     enc = mods.encode(batch)
     model = nnx.merge(gen.graphdef, gen.params)

@@ -193,6 +193,9 @@ def test_masked_image_model_trains_inpaints_and_is_evaluated(masked_run):
         assert os.path.getsize(os.path.join(workdir, "samples", f"{prefix}.png")) > 0
     assert results["inpaint_3sq/masked_fraction"] > results["inpaint_1sq/masked_fraction"]
     assert "image/frechet_distance" in results
+    # the ELBO of held-out examples with their masked copies (fixed squares), split by modality
+    np.testing.assert_allclose(results["bpd/total"], (64 * results["bpd/image"] + 64 * results["bpd/masked"]) / 128,
+                               rtol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -212,4 +215,4 @@ def test_reconstruction_only_baseline_reads_the_full_image(reconstruction_run):
     assert out["image"].shape == (6,) + LATENT and np.all(np.abs(out["image"]) <= 1.0)
     results = evaluate.evaluate(config, workdir)
     assert "image/frechet_distance" not in results  # its primary is the masked image: no image metrics
-    assert results["inpaint_1sq/masked_mse"] >= 0.0
+    assert results["inpaint_1sq/masked_mse"] >= 0.0 and np.isfinite(results["bpd/image"])

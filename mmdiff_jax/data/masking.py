@@ -55,6 +55,17 @@ def held_out_holes(num: int, grid: tuple[int, int], square: int, count: int, see
     return square_holes(np.random.default_rng([seed, count]), num, grid, square, count)
 
 
+def with_held_out_masked(config, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`arrays` plus, when the config masks an image, its masked copy with the fixed evaluation squares
+    (`data.masking.count` of them): for metrics that need every modality of held-out examples (the ELBO)."""
+    spec = spec_from_config(config)
+    if spec is None:
+        return arrays
+    images = arrays[spec.source]
+    holes = held_out_holes(len(images), images.shape[1:3], spec.square, spec.count)
+    return {**arrays, spec.into: apply_holes(images, holes)}
+
+
 class AddMaskedImage:
     """A grain random map: element[spec.into] = element[spec.source] with fresh random holes."""
 
