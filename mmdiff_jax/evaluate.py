@@ -154,7 +154,7 @@ def _inpainting_metrics(config, gen, key, test_src, out_dir) -> dict:
     the model generates the full image given it (joint model: the image given the masked image; the
     reconstruction-only baseline, whose primary is the masked image: its head's full image). A model without one
     (image-only) inpaints by replacement (`samplers.sample(known_pixels=...)`).
-    Per count: the masked fraction, masked-region MSE, PSNR (mean over images), LPIPS (mean)."""
+    Per count: the masked fraction, masked-region MSE (mean over images), the PSNR of that mean, LPIPS (mean)."""
     spec, mods = config.data.masking, gen.diff.modalities
     truth = test_src.arrays[spec.source]  # [N, H, W, C]
     lpips = inpainting.LPIPS()
@@ -174,7 +174,7 @@ def _inpainting_metrics(config, gen, key, test_src, out_dir) -> dict:
         metrics.update({
             f"{prefix}/masked_fraction": float(holes.mean()),
             f"{prefix}/masked_mse": float(np.mean(mse)),
-            f"{prefix}/psnr_db": float(np.mean(inpainting.psnr(mse))),
+            f"{prefix}/psnr_db": float(inpainting.psnr(np.mean(mse))),  # of the mean MSE (finite when some are 0)
             f"{prefix}/lpips": float(np.mean(lpips(filled, truth))),
         })
         if parallel.is_main_process():  # rows of ten: true, masked, filled in

@@ -27,7 +27,7 @@ def masked_mse(pred: np.ndarray, truth: np.ndarray, holes: np.ndarray) -> np.nda
 
 
 def psnr(mse: np.ndarray) -> np.ndarray:
-    """PSNR in dB for [-1, 1] data from per-image MSEs [N] (a perfect image gives +inf)."""
+    """PSNR in dB for [-1, 1] data from MSEs (a perfect reconstruction gives +inf: average MSEs, not PSNRs)."""
     with np.errstate(divide="ignore"):
         return 10.0 * np.log10(DATA_RANGE**2 / np.asarray(mse, np.float64))
 
