@@ -144,6 +144,8 @@ def test_image_vector_model_trains_samples_and_is_evaluated(vector_run):
     results = evaluate.evaluate(config, workdir)
     for key in ("embedding/cosine_to_image_embedding", "embedding/cosine_to_image_embedding_shuffled"):
         assert -1.0 <= results[key] <= 1.0, key
+    np.testing.assert_allclose(results["bpd/total"],  # the ELBO's parts: 64 image dims, 128 embedding dims
+                               (64 * results["bpd/image"] + 128 * results["bpd/embedding"]) / 192, rtol=1e-5)
 
 
 def test_vectors_from_an_npz_are_checked_and_standardized(tmp_path):
