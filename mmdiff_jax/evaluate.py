@@ -69,7 +69,7 @@ def evaluate(config, workdir: str) -> dict:
     if config.eval.inpainting_counts:
         results.update(_inpainting_metrics(config, gen, key, test_src, out_dir))
     if config.eval.elbo_examples:  # every modality of the held-out examples: derived vectors and masked copies too
-        test_arrays = vectors.attach_vectors(config, test_src, "test", workdir).arrays
+        test_arrays = vectors.attach_vectors(config, test_src, "test", workdir, embed).arrays
         results.update(_likelihood_metrics(config, gen, key, masking.with_held_out_masked(config, test_arrays)))
     sample_lib.write_samples(out_dir, "joint", joint, gen)
     results["eval_seconds"] = time.perf_counter() - start

@@ -110,7 +110,6 @@ class Generator:
                 outputs[m.name].append(value[:take])
         return {k: np.concatenate(v, axis=0) for k, v in outputs.items()}
 
-
     def _guidance(self, weights: Mapping[str, float]) -> tuple[samplers.Guidance, ...]:
         """{aux modality name: weight} (zero weights dropped) -> the samplers' Guidance, with the configured interval."""
         aux_names = [m.name for m in self.diff.modalities.aux]

@@ -88,10 +88,11 @@ def _load_npz(path: str, name: str, split: str, length: int, dim: int) -> tuple[
     return this, train
 
 
-def attach_vectors(config, source: ArraySource, split: str, workdir: str) -> ArraySource:
-    """The source plus one array per vector modality it does not already hold, standardized."""
+def attach_vectors(config, source: ArraySource, split: str, workdir: str,
+                   embedding: EvaluatorEmbedding | None = None) -> ArraySource:
+    """The source plus one array per vector modality it does not already hold, standardized. `embedding`: an
+    evaluator embedding already built (else built here when an 'evaluator' modality needs it)."""
     arrays = dict(source.arrays)
-    embedding = None
     for name in vector_modalities(config):
         if name in arrays:
             continue

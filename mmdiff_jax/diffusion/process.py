@@ -84,7 +84,8 @@ def q_posterior(
 
 
 def predict_z0(sched: Schedule, t: jax.Array, zt: jax.Array, eps_hat: jax.Array, enc_hat: jax.Array) -> jax.Array:
-    """ẑ_0 = (z_t - sum_i c_t(i) ê_i - s_t ε̂) / abar_t. Divides by abar_t: use for reporting, not in samplers."""
+    """ẑ_0 = (z_t - sum_i c_t(i) ê_i - s_t ε̂) / abar_t. Divides by abar_t (errors grow ~1/abar_t near t = T): the
+    ancestral and DDIM steps avoid it; ẑ_0 clipping and DPM-Solver++ need ẑ_0 itself."""
     _check(t, zt, enc_hat, sched)
     shifted = zt - mix_modalities(sched.c, t, enc_hat) - per_example(sched.s, t, zt) * eps_hat
     return shifted / per_example(sched.abar, t, zt)
