@@ -23,6 +23,8 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/digits_image_label.py", "Config to benchmark.")
 _OUT = flags.DEFINE_string("out", "bench.json", "Where to write the JSON results.")
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", len(os.sched_getaffinity(0)), "CPU devices (as in main).")
+_XLA_CPU_TUNED = flags.DEFINE_bool("xla_cpu_tuned", True, "As in main: the XLA CPU flag of mmdiff_jax/cpu_backend.py "
+                                   "(--noxla_cpu_tuned times XLA's defaults).")
 _STEPS = flags.DEFINE_integer("steps", 30, "Timed train steps.")
 _TORCH = flags.DEFINE_bool("torch", False, "Also time the PyTorch reference of the same step "
                            "(benchmarks/torch_reference.py; needs `pip install -r benchmarks/requirements.txt`).")
@@ -196,7 +198,9 @@ def main(argv):
     del argv
     import jax
 
-    jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
+    from mmdiff_jax import cpu_backend
+
+    backend_note = cpu_backend.configure(_CPU_DEVICES.value, _XLA_CPU_TUNED.value)
     config = _CONFIG.value
     peak = matmul_peak()
     train_results = bench_train(config, _STEPS.value)
@@ -208,7 +212,8 @@ def main(argv):
     results = {
         "machine": {"platform": platform.processor() or platform.machine(), "backend": jax.default_backend(),
                     "devices": [str(d) for d in jax.devices()], "cores": len(os.sched_getaffinity(0)),
-                    "jax": jax.__version__},
+                    "jax": jax.__version__, "cpu_backend": backend_note,
+                    "xla_flags": os.environ.get("XLA_FLAGS", "")},
         "matmul_peak_gflops": peak,
         "train": train_results,
         "sampler": bench_sampler(config),
@@ -225,6 +230,7 @@ def main(argv):
         json.dump(results, f, indent=2)
     t = results["train"]
     rows = [
+        ("CPU backend", backend_note),
         ("matmul peak (f32 2048², jit)", f"{peak:.0f} GFLOP/s"),
         ("model / batch", f"{t['params']:,} params / {t['batch']}"),
         ("XLA FLOPs per train step", f"{flops / 1e9:.2f} GFLOP"),

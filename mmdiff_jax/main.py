@@ -24,6 +24,9 @@ _CPU_DEVICES = flags.DEFINE_integer(
     "cpu_devices", len(os.sched_getaffinity(0)),
     "CPU devices to expose when running on CPU (default: one per core; the batch is split across them, which uses "
     "every core). Ignored on GPU/TPU.")
+_XLA_CPU_TUNED = flags.DEFINE_bool(
+    "xla_cpu_tuned", True, "Add the XLA CPU flag that keeps small convolutions on XLA's own kernels (about 1.5x "
+    "faster on the default model; see mmdiff_jax/cpu_backend.py). Not added on accelerator installs.")
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "on", "off"],
     "Multi-process runs through jax.distributed. auto: start it when a coordinator is given (flag or "
@@ -47,7 +50,9 @@ def main(argv):
     logging.get_absl_handler().addFilter(_DropLibraryInfo())
     import jax  # after flag parsing; nothing touches a device before this point
 
-    jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
+    from mmdiff_jax import cpu_backend
+
+    backend_note = cpu_backend.configure(_CPU_DEVICES.value, _XLA_CPU_TUNED.value)
 
     from mmdiff_jax import evaluate, parallel, sample, train
     from mmdiff_jax.errors import UserError
@@ -60,8 +65,8 @@ def main(argv):
         sys.exit(2)
 
     config, workdir = _CONFIG.value, _WORKDIR.value
-    logging.info("JAX %s: process %d/%d, devices %s", jax.__version__, jax.process_index(), jax.process_count(),
-                 jax.devices())
+    logging.info("JAX %s: process %d/%d, devices %s; %s", jax.__version__, jax.process_index(),
+                 jax.process_count(), jax.devices(), backend_note)
     try:  # train() and load_generator() validate the whole config before anything compiles
         if _MODE.value == "train":
             train.train(config, workdir)

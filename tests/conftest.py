@@ -7,7 +7,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 
-jax.config.update("jax_num_cpu_devices", 8)
+from mmdiff_jax import cpu_backend  # noqa: E402
+
+cpu_backend.configure(8)  # what the main job sets up, with 8 devices
 jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "mmdiff_jax_test_cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

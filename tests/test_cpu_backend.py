@@ -1,0 +1,81 @@
+"""The CPU backend settings (mmdiff_jax/cpu_backend.py): the XLA flag is added only where it was measured and never
+over the user's own choice, and it changes the numbers only by float32 rounding."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mmdiff_jax import cpu_backend
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_LOSS_AND_GRAD = """
+import json, re, sys
+from mmdiff_jax import cpu_backend
+note = cpu_backend.configure(1, tuned=sys.argv[1] == "tuned")
+import jax, jax.numpy as jnp
+from flax import nnx
+from configs import tiny
+from mmdiff_jax import objective, train
+from mmdiff_jax.data import sources
+config = tiny.get_config()
+config.model.channels = (32, 48)  # the default widths: narrower convolutions stay off YNNPACK even by default
+diff = objective.build_diffusion(config)
+graphdef, params = train.create_model(config, diff)
+src = sources.get_source("digits", "train").arrays
+batch = {"image": jnp.asarray(src["image"][:32]), "label": jnp.asarray(src["label"][:32])}
+loss_fn = lambda p: objective.compute_loss(nnx.merge(graphdef, p), diff, batch, jax.random.key(0))[0]
+compiled = jax.jit(jax.value_and_grad(loss_fn)).lower(params).compile()
+loss, grads = compiled(params)
+flat = jnp.concatenate([jnp.ravel(g) for g in jax.tree.leaves(grads)])
+hlo = compiled.as_text()
+ynn_calls = re.findall(r"calls=%?([\\w.\\-]+), backend_config=.*__ynn_fusion", hlo)
+bodies = {m.group(1): m.group(2) for m in re.finditer(r"^%?([\\w.\\-]+) \\(.*?\\{\\n(.*?)\\n\\}", hlo, re.S | re.M)}
+ynn_convs = sum(" convolution(" in bodies.get(c, "") for c in ynn_calls)
+print(json.dumps({"note": note, "loss": float(loss), "grads": flat.tolist(), "ynn_convs": ynn_convs}))
+"""
+
+
+def _run(mode: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    out = subprocess.run([sys.executable, "-c", _LOSS_AND_GRAD, mode], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_tuned_flag_moves_convolutions_off_ynnpack_and_keeps_the_numbers():
+    tuned, default = _run("tuned"), _run("default")
+    assert tuned["note"] == f"XLA_FLAGS += {cpu_backend.tuning_flag()}"
+    assert default["note"].startswith("XLA defaults")
+    assert default["ynn_convs"] > 0 and tuned["ynn_convs"] == 0  # the flag took effect: no YNNPACK convolutions
+    np.testing.assert_allclose(tuned["loss"], default["loss"], rtol=1e-5)
+    np.testing.assert_allclose(tuned["grads"], default["grads"], rtol=1e-3, atol=1e-6)
+
+
+def test_flag_is_not_added_over_the_users_choice_or_on_other_builds(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", f"{cpu_backend.YNN_FUSION_FLAG}=LIBRARY_FUSION_TYPE_DOT")
+    assert cpu_backend._skip_reason() == "XLA_FLAGS already sets it"
+    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.setattr(cpu_backend, "MEASURED_JAXLIB", "0.0.0")
+    assert "measured on jaxlib 0.0.0" in cpu_backend._skip_reason()
+    monkeypatch.setattr(cpu_backend, "MEASURED_JAXLIB", __import__("jaxlib").__version__)
+    monkeypatch.setattr(cpu_backend, "_ACCELERATOR_PACKAGES", ("json",))  # any importable name stands in for one
+    assert cpu_backend._skip_reason() == "accelerator packages installed (json)"
+
+
+@pytest.mark.parametrize("tuned", [True, False])
+def test_configure_reports_what_it_did_without_touching_devices(monkeypatch, tuned):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/nonexistent_never_used")
+    note = cpu_backend.configure(8, tuned=tuned)  # conftest already set 8 devices: updating to 8 is a no-op
+    flags = os.environ["XLA_FLAGS"]
+    if tuned:
+        assert flags == f"--xla_dump_to=/nonexistent_never_used {cpu_backend.tuning_flag()}", flags
+        assert note.startswith("XLA_FLAGS +=")
+    else:
+        assert flags == "--xla_dump_to=/nonexistent_never_used" and note.startswith("XLA defaults")
