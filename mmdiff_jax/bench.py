@@ -1,11 +1,13 @@
 """Performance benchmark (SPEC §6): prints a table and writes bench.json.
 
-    python -m mmdiff_jax.bench [--config configs/digits_image_label.py] [--out bench.json] [--torch]
+    python -m mmdiff_jax.bench [--config configs/digits_image_label.py] [--out bench.json] [--torch] [--profile]
+                               [--noxla_cpu_tuned]
 
 Measures, in one process: this machine's f32 matmul peak (2048x2048 `jnp.dot`, best of 10); the default model's
 train step at its default batch (compile time, median step time, samples/s, XLA FLOPs per step from the cost analysis
 of a one-device compile, MFU = achieved FLOP/s / measured peak); the `lax.scan` sampler against a Python loop over the
-same jitted step; and `q_sample` at t = 1 vs t = T (XLA flops and time).
+same jitted step; and `q_sample` at t = 1 vs t = T (XLA flops and time). `--torch` adds the PyTorch reference of
+the same step, `--profile` the multi-device step's time by op kind, `--noxla_cpu_tuned` times XLA's CPU defaults.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ _OUT = flags.DEFINE_string("out", "bench.json", "Where to write the JSON results
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", len(os.sched_getaffinity(0)), "CPU devices (as in main).")
 _XLA_CPU_TUNED = flags.DEFINE_bool("xla_cpu_tuned", True, "As in main: the XLA CPU flag of mmdiff_jax/cpu_backend.py "
                                    "(--noxla_cpu_tuned times XLA's defaults).")
+_PROFILE = flags.DEFINE_bool("profile", False, "Also trace the multi-device train step and report its time by op "
+                             "kind (mmdiff_jax/step_profile.py).")
 _STEPS = flags.DEFINE_integer("steps", 30, "Timed train steps.")
 _TORCH = flags.DEFINE_bool("torch", False, "Also time the PyTorch reference of the same step "
                            "(benchmarks/torch_reference.py; needs `pip install -r benchmarks/requirements.txt`).")
@@ -60,7 +64,7 @@ def matmul_peak() -> float:
     return 2 * n**3 / min(_timeit(lambda: dot(a, b), 10)) / 1e9
 
 
-def bench_train(config, steps: int) -> dict:
+def bench_train(config, steps: int, profile: bool = False) -> dict:
     import jax
 
     from mmdiff_jax import objective, parallel, train
@@ -96,6 +100,10 @@ def bench_train(config, steps: int) -> dict:
             "step_ms": 1e3 * median,
             "samples_per_s": config.data.global_batch_size / median,
         }
+        if profile and n_dev == -1:
+            from mmdiff_jax import step_profile
+
+            results["profile"] = step_profile.profile(lambda: jax.block_until_ready(run()), compiled.as_text())
         if n_dev == 1:  # the whole step's FLOPs (a multi-device compile reports one device's share)
             results["flops_per_step"] = _flops(compiled)
     results["params"] = int(sum(x.size for x in jax.tree.leaves(params)))
@@ -203,7 +211,7 @@ def main(argv):
     backend_note = cpu_backend.configure(_CPU_DEVICES.value, _XLA_CPU_TUNED.value)
     config = _CONFIG.value
     peak = matmul_peak()
-    train_results = bench_train(config, _STEPS.value)
+    train_results = bench_train(config, _STEPS.value, _PROFILE.value)
     flops = train_results["flops_per_step"]
     for key in ("one_device", "all_devices"):
         r = train_results[key]
@@ -255,6 +263,13 @@ def main(argv):
     print("| measure | value |\n|---|---|")
     for name, value in rows:
         print(f"| {name} | {value} |")
+    if "profile" in t:
+        p = t["profile"]
+        print(f"\nTrain step on {p['devices']} devices under the profiler: {p['step_ms']:.1f} ms; time per device by op "
+              "kind (ms/step):\n\n| op kind | ms | share |\n|---|---|---|")
+        for kind, ms in list(p["traced_ms_by_kind"].items()) + [("untraced (Eigen-pool convolutions, idle)",
+                                                                   p["untraced_ms"])]:
+            print(f"| {kind} | {ms:.1f} | {100 * ms / p['step_ms']:.0f}% |")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@ Two settings make the CPU path fast (measured with `python -m mmdiff_jax.bench`,
 - one XLA device per core, so the batch is split across the cores (`jax_num_cpu_devices`);
 - XLA's YNNPACK library fusions limited to single dots (`--xla_cpu_experimental_ynn_fusion_type=
   LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT`). By default jaxlib 0.10.2 also hands convolutions and elementwise fusions to
-  YNNPACK, which on the U-Net's small convolutions (8x8, 32-48 channels) is about 1.5x slower than XLA's own
-  convolution; the losses are the same to float32 rounding.
+  YNNPACK, which on the U-Net's small convolutions (8x8, 32-48 channels) is slower than XLA's own convolution: the
+  default model's train step takes about 1.4x as long on two devices and 2.7x on one (README "Benchmark"). The
+  losses are the same to float32 rounding (tests/test_cpu_backend.py).
 
 The XLA flag is read once, when the first backend starts, so `configure` must run before any device is used. It is
 only added for the jaxlib it was measured on, only when no accelerator plugin is installed (a GPU or TPU build

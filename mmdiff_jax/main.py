@@ -25,7 +25,7 @@ _CPU_DEVICES = flags.DEFINE_integer(
     "CPU devices to expose when running on CPU (default: one per core; the batch is split across them, which uses "
     "every core). Ignored on GPU/TPU.")
 _XLA_CPU_TUNED = flags.DEFINE_bool(
-    "xla_cpu_tuned", True, "Add the XLA CPU flag that keeps small convolutions on XLA's own kernels (about 1.5x "
+    "xla_cpu_tuned", True, "Add the XLA CPU flag that keeps small convolutions on XLA's own kernels (about 1.4x "
     "faster on the default model; see mmdiff_jax/cpu_backend.py). Not added on accelerator installs.")
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "on", "off"],

@@ -95,11 +95,10 @@ def compute_loss(model, diff: Diffusion, batch: Mapping[str, jax.Array], key: ja
     terms = losses.loss_terms(diff.sched, t, z0, enc, eps, eps_hat, enc_hat, aux_nll, mods.loss_weights(),
                               diff.bin_width)
     loss, metrics = losses.training_loss(terms, diff.loss_weights)
+    kept = jnp.ones_like(aux_nll) if present is None else present  # [B, N]: the NLL metric is over kept examples
+    per_modality = jnp.sum(aux_nll, axis=0) / jnp.maximum(jnp.sum(kept, axis=0), 1.0)  # [N]
     for i, m in enumerate(mods.aux):
-        if present is None:
-            metrics[f"nll/{m.name}"] = jnp.mean(aux_nll[:, i])
-        else:  # over the examples that kept the modality
-            metrics[f"nll/{m.name}"] = jnp.sum(aux_nll[:, i]) / jnp.maximum(jnp.sum(present[:, i]), 1.0)
+        metrics[f"nll/{m.name}"] = per_modality[i]
     return loss, metrics
 
 

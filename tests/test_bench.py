@@ -15,9 +15,27 @@ def test_bench_pieces_on_the_tiny_config():
     s = bench.bench_sampler(config, num_steps=3, batch=8)
     assert s["scan_samples_per_s"] > 0 and s["python_loop_samples_per_s"] > 0
     assert s["scan_vs_loop_max_abs_diff"] < 1e-5  # the loop runs the very step the scan runs
-    t = bench.bench_train(config, steps=2)
+    t = bench.bench_train(config, steps=2, profile=True)
     assert t["flops_per_step"] > 0 and t["one_device"]["devices"] == 1 and t["all_devices"]["devices"] == 8
     assert t["one_device"]["step_ms"] > 0 and t["batch"] == 16
+    p = t["profile"]  # the train step's time by op kind, per device
+    assert p["devices"] == 8 and p["step_ms"] > 0 and p["untraced_ms"] >= 0
+    assert {"convolution", "all-reduce", "elementwise fusion"} <= set(p["traced_ms_by_kind"]), p
+    assert sum(p["traced_ms_by_kind"].values()) <= p["step_ms"] * 1.05  # each device's ops fit within the step
+
+
+def test_op_kinds_classifies_compiled_hlo():
+    import jax.numpy as jnp
+
+    from mmdiff_jax import step_profile
+
+    def f(x, w):
+        y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jnp.mean(jnp.tanh(y) * 2.0 + 1.0), jnp.transpose(x, (3, 1, 2, 0)) + 1.0
+
+    hlo = jax.jit(f).lower(jnp.ones((4, 8, 8, 16)), jnp.ones((3, 3, 16, 16))).compile().as_text()
+    kinds = set(step_profile.op_kinds(hlo).values())
+    assert "convolution" in kinds and "reduction fusion (norms, means)" in kinds, kinds
 
 
 def test_torch_reference_is_the_same_network():
