@@ -7,7 +7,8 @@ output features and the time embedding) and the same step: t ~ U{1..T}, z_t = ab
 loss = mean (ε̂ - ε)^2 + cross-entropy of the label head, AdamW with global-norm clipping, an EMA of the weights.
 The parameter count equals the JAX model's (checked by tests/test_bench.py when torch is installed).
 
-torch is not a dependency of the package: `pip install -r benchmarks/requirements.txt` (torch==2.13.0, CPU).
+torch is not a dependency of the package: `pip install -r benchmarks/requirements.txt` (torch==2.13.0, CPU); on a GPU host
+the bench runs the installed CUDA build of torch on the GPU.
 """
 
 from __future__ import annotations
@@ -120,27 +121,29 @@ class TrainStep:
     """One training step of the reference, on a fixed batch (images [B, H, W, C] in [-1, 1], labels [B])."""
 
     def __init__(self, config, abar: np.ndarray, s: np.ndarray, c: np.ndarray, codes: np.ndarray, images: np.ndarray,
-                 labels: np.ndarray):
+                 labels: np.ndarray, device: str = "cpu"):
         torch.manual_seed(0)
         m = config.model
         self.model = UNetWithLabelHead(int(config.latent_shape[-1]), tuple(m.channels), int(m.blocks_per_level),
-                                       int(m.groups), int(m.temb_dim), int(codes.shape[0]))
+                                       int(m.groups), int(m.temb_dim), int(codes.shape[0])).to(device)
         self.ema = [p.detach().clone() for p in self.model.parameters()]
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=config.optim.lr,
                                      betas=(config.optim.b1, config.optim.b2), weight_decay=config.optim.weight_decay)
         self.clip, self.decay = float(config.optim.grad_clip), float(config.optim.ema_decay)
-        self.abar, self.s = torch.tensor(abar, dtype=torch.float32), torch.tensor(s, dtype=torch.float32)
-        self.c = torch.tensor(np.asarray(c)[:, 0], dtype=torch.float32)  # [T+1] the label's c_t
-        self.codes = torch.tensor(np.transpose(codes, (0, 3, 1, 2)), dtype=torch.float32)  # [K, C, H, W]
-        self.z0 = torch.tensor(np.transpose(images, (0, 3, 1, 2)), dtype=torch.float32)
-        self.labels = torch.tensor(labels, dtype=torch.long)
+        self.abar = torch.tensor(abar, dtype=torch.float32, device=device)
+        self.s = torch.tensor(s, dtype=torch.float32, device=device)
+        self.c = torch.tensor(np.asarray(c)[:, 0], dtype=torch.float32, device=device)  # [T+1] the label's c_t
+        self.codes = torch.tensor(np.transpose(codes, (0, 3, 1, 2)), dtype=torch.float32,
+                                  device=device)  # [K, C, H, W]
+        self.z0 = torch.tensor(np.transpose(images, (0, 3, 1, 2)), dtype=torch.float32, device=device)
+        self.labels = torch.tensor(labels, dtype=torch.long, device=device)
         self.num_steps = len(abar) - 1
-        self.gen = torch.Generator().manual_seed(0)
+        self.gen = torch.Generator(device=device).manual_seed(0)
 
     def __call__(self) -> float:
         b = self.z0.shape[0]
-        t = torch.randint(1, self.num_steps + 1, (b,), generator=self.gen)
-        eps = torch.randn(self.z0.shape, generator=self.gen)
+        t = torch.randint(1, self.num_steps + 1, (b,), generator=self.gen, device=self.z0.device)
+        eps = torch.randn(self.z0.shape, generator=self.gen, device=self.z0.device)
         view = (b, 1, 1, 1)
         zt = self.abar[t].view(view) * self.z0 + self.c[t].view(view) * self.codes[self.labels] + \
             self.s[t].view(view) * eps
@@ -152,7 +155,7 @@ class TrainStep:
         self.opt.step()
         with torch.no_grad():
             torch._foreach_lerp_(self.ema, list(self.model.parameters()), 1.0 - self.decay)
-        return float(loss)
+        return loss.item()  # waits for the device, so wall-clock timing is right on CUDA too
 
 
 def time_steps(step: TrainStep, steps: int, warmup: int = 3) -> list[float]:

@@ -3,11 +3,13 @@
     python -m mmdiff_jax.bench [--config configs/digits_image_label.py] [--out bench.json] [--torch] [--profile]
                                [--noxla_cpu_tuned]
 
-Measures, in one process: this machine's f32 matmul peak (2048x2048 `jnp.dot`, best of 10); the default model's
-train step at its default batch (compile time, median step time, samples/s, XLA FLOPs per step from the cost analysis
-of a one-device compile, MFU = achieved FLOP/s / measured peak); the `lax.scan` sampler against a Python loop over the
-same jitted step; and `q_sample` at t = 1 vs t = T (XLA flops and time). `--torch` adds the PyTorch reference of
-the same step, `--profile` the multi-device step's time by op kind, `--noxla_cpu_tuned` times XLA's CPU defaults.
+Measures, in one process: this machine's matmul peak (`jnp.dot` in the config's compute dtype, 2048x2048 on CPU and
+8192x8192 on an accelerator, best of 10); the default model's train step at its default batch on one device and on
+all (compile time, median step time, samples/s, FLOPs per step from XLA's cost analysis of the lowered program on one
+CPU device, MFU = achieved FLOP/s / measured peak); the `lax.scan` sampler against a Python loop over the same
+jitted step; and `q_sample` at t = 1 vs t = T (XLA flops and time). `--torch` adds the PyTorch reference of the same
+step (on CUDA when JAX runs on a GPU), `--profile` the multi-device step's time by op kind, `--noxla_cpu_tuned`
+times XLA's CPU defaults.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import statistics
 import time
 
 import numpy as np
+from typing import Any, Callable
+
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -45,26 +49,54 @@ def _timeit(fn, repeats: int) -> list[float]:
     return times
 
 
-def _flops(compiled) -> float:
-    cost = compiled.cost_analysis()
+def _flops(stage) -> float:
+    """XLA's FLOP count of a `jax.stages.Lowered` or `Compiled` computation."""
+    cost = stage.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost["flops"])
 
 
-def matmul_peak() -> float:
-    """Best-of-10 GFLOP/s of a 2048x2048 float32 matmul under jit."""
+def matmul_size(backend: str) -> int:
+    """The square matmul that measures the peak: 2048 on CPU; 8192 on an accelerator (2048 does not fill one)."""
+    return 2048 if backend == "cpu" else 8192
+
+
+def matmul_peak(n: int = 2048, dtype: str = "float32") -> float:
+    """Best-of-10 GFLOP/s of an n x n `dtype` matmul under jit, at JAX's default precision (the step's: on a GPU a
+    float32 dot may run as TF32)."""
     import jax
     import jax.numpy as jnp
 
-    n = 2048
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
     dot = jax.jit(jnp.dot)
     dot(a, b).block_until_ready()
     return 2 * n**3 / min(_timeit(lambda: dot(a, b), 10)) / 1e9
 
 
-def bench_train(config, steps: int, profile: bool = False) -> dict:
+def train_step_flops(config, diff, graphdef, params, tx, local: dict) -> float:
+    """XLA's FLOP count of the whole train step as written (the lowered program on one CPU device, whatever the
+    default backend): a compiled multi-device step reports one device's share, a GPU compile counts no cuDNN
+    convolution, and lowered programs give no cost analysis on plugin (GPU, TPU) backends."""
+    import jax
+    from jax.sharding import AxisType
+
+    from mmdiff_jax import parallel, train
+
+    try:
+        cpu = jax.devices("cpu")[:1]
+    except RuntimeError:
+        raise SystemExit("error: the bench counts FLOPs on the CPU backend, which JAX_PLATFORMS leaves out: unset it or "
+                         "add cpu (JAX_PLATFORMS=cuda,cpu).") from None
+    mesh = jax.make_mesh((1, 1), parallel.BATCH_AXES, axis_types=(AxisType.Auto,) * 2, devices=cpu)
+    state = parallel.replicate(train.initial_state(config, params, tx), mesh)
+    step_fn = train.jit_train_step(graphdef, diff, tx, config.optim.ema_decay, mesh, state)
+    return _flops(step_fn.lower(state, parallel.to_global_batch(local, mesh)))
+
+
+def bench_train(config, steps: int, profile: bool = False) -> tuple[dict, Callable[[], Any]]:
+    """Times the train step on one device and on all of them; returns the results and the all-device step (the main
+    job's default), ready to run again."""
     import jax
 
     from mmdiff_jax import objective, parallel, train
@@ -76,7 +108,8 @@ def bench_train(config, steps: int, profile: bool = False) -> dict:
     src = sources.get_source(config.data.source, "train", **dict(config.data.source_kwargs))
     local = next(pipeline.train_iterator(src, config.data.global_batch_size, 0))
     results = {}
-    for name, n_dev in (("one_device", 1), ("all_devices", -1)):
+    passes = (("one_device", 1), ("all_devices", -1)) if jax.device_count() > 1 else (("one_device", 1),)
+    for name, n_dev in passes:
         mesh = parallel.make_mesh(n_dev)
         fresh = jax.tree.map(lambda x: x.copy(), params)  # the step donates its state: every pass gets its own
         state = parallel.replicate(train.initial_state(config, fresh, tx), mesh)
@@ -104,11 +137,10 @@ def bench_train(config, steps: int, profile: bool = False) -> dict:
             from mmdiff_jax import step_profile
 
             results["profile"] = step_profile.profile(lambda: jax.block_until_ready(run()), compiled.as_text())
-        if n_dev == 1:  # the whole step's FLOPs (a multi-device compile reports one device's share)
-            results["flops_per_step"] = _flops(compiled)
+    results["flops_per_step"] = train_step_flops(config, diff, graphdef, params, tx, local)
     results["params"] = int(sum(x.size for x in jax.tree.leaves(params)))
     results["batch"] = config.data.global_batch_size
-    return results
+    return results, run
 
 
 def bench_sampler(config, num_steps: int = 50, batch: int = 256) -> dict:
@@ -176,8 +208,12 @@ def bench_q_sample(config, batch: int = 128) -> dict:
     return out
 
 
-def bench_torch(config, steps: int) -> dict:
-    """The PyTorch reference (same network, loss, optimizer and batch) in this process, after the JAX runs."""
+def bench_torch(config, steps: int, jax_step: Callable[[], Any], rounds: int = 5) -> dict:
+    """The PyTorch reference (same network, loss, optimizer and batch) in this process, timed in `rounds` blocks that
+    alternate with blocks of the JAX step `jax_step`, so that a host whose speed drifts slows both alike; the ratio
+    JAX / PyTorch samples/s compares the medians of these interleaved steps."""
+    import jax
+
     try:
         import torch
 
@@ -193,13 +229,22 @@ def bench_torch(config, steps: int) -> dict:
         raise SystemExit("error: the PyTorch reference models image + one label (configs/digits_image_label.py).")
     src = sources.get_source(config.data.source, "train", **dict(config.data.source_kwargs))
     batch = next(pipeline.train_iterator(src, config.data.global_batch_size, 0))
+    device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
     step = torch_reference.TrainStep(config, np.asarray(diff.sched.abar), np.asarray(diff.sched.s),
                                      np.asarray(diff.sched.c), labels_mod[0].codes, np.asarray(batch["image"]),
-                                     np.asarray(batch["label"]))
-    median = statistics.median(torch_reference.time_steps(step, steps))
-    return {"torch": torch.__version__, "threads": torch.get_num_threads(),
-            "params": torch_reference.param_count(step.model), "step_ms": 1e3 * median,
-            "samples_per_s": config.data.global_batch_size / median}
+                                     np.asarray(batch["label"]), device=device)
+    torch_reference.time_steps(step, 0)  # warm-up
+    per_round = max(1, steps // rounds)
+    torch_times, jax_times = [], []
+    for _ in range(rounds):
+        jax_times += _timeit(jax_step, per_round)
+        torch_times += torch_reference.time_steps(step, per_round, warmup=0)
+    torch_s, jax_s = statistics.median(torch_times), statistics.median(jax_times)
+    return {"torch": torch.__version__, "device": device, "threads": torch.get_num_threads(),
+            "cuda_tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32},
+            "params": torch_reference.param_count(step.model), "rounds": rounds, "steps_per_round": per_round,
+            "step_ms": 1e3 * torch_s, "samples_per_s": config.data.global_batch_size / torch_s,
+            "jax_interleaved_step_ms": 1e3 * jax_s, "jax_over_torch": torch_s / jax_s}
 
 
 def main(argv):
@@ -210,10 +255,12 @@ def main(argv):
 
     backend_note = cpu_backend.configure(_CPU_DEVICES.value, _XLA_CPU_TUNED.value)
     config = _CONFIG.value
-    peak = matmul_peak()
-    train_results = bench_train(config, _STEPS.value, _PROFILE.value)
+    peak_n, peak_dtype = matmul_size(jax.default_backend()), str(config.model.dtype)
+    peak = matmul_peak(peak_n, peak_dtype)
+    train_results, jax_step = bench_train(config, _STEPS.value, _PROFILE.value)
     flops = train_results["flops_per_step"]
-    for key in ("one_device", "all_devices"):
+    passes = [k for k in ("one_device", "all_devices") if k in train_results]
+    for key in passes:
         r = train_results[key]
         r["achieved_gflops"] = flops / (r["step_ms"] / 1e3) / 1e9
         r["mfu"] = r["achieved_gflops"] / peak
@@ -223,30 +270,29 @@ def main(argv):
                     "jax": jax.__version__, "cpu_backend": backend_note,
                     "xla_flags": os.environ.get("XLA_FLAGS", "")},
         "matmul_peak_gflops": peak,
+        "matmul_peak_problem": {"n": peak_n, "dtype": peak_dtype},
         "train": train_results,
         "sampler": bench_sampler(config),
         "q_sample": bench_q_sample(config),
     }
     if _TORCH.value:
-        ref = bench_torch(config, _STEPS.value)
+        ref = bench_torch(config, _STEPS.value, jax_step)
         ref["achieved_gflops"] = flops / (ref["step_ms"] / 1e3) / 1e9  # the JAX step's FLOPs: the same network
         ref["mfu"] = ref["achieved_gflops"] / peak
-        best = max(train_results[k]["samples_per_s"] for k in ("one_device", "all_devices"))
-        ref["jax_over_torch"] = best / ref["samples_per_s"]
         results["torch_reference"] = ref
     with open(_OUT.value, "w") as f:
         json.dump(results, f, indent=2)
     t = results["train"]
     rows = [
         ("CPU backend", backend_note),
-        ("matmul peak (f32 2048², jit)", f"{peak:.0f} GFLOP/s"),
+        (f"matmul peak ({peak_dtype} {peak_n}², jit)", f"{peak:.0f} GFLOP/s"),
         ("model / batch", f"{t['params']:,} params / {t['batch']}"),
         ("XLA FLOPs per train step", f"{flops / 1e9:.2f} GFLOP"),
     ]
-    for key in ("one_device", "all_devices"):
+    for key in passes:
         r = t[key]
         rows.append((f"train step, {r['devices']} device(s)",
-                     f"{r['step_ms']:.1f} ms, {r['samples_per_s']:.0f} samples/s, MFU {100 * r['mfu']:.0f}% "
+                     f"{r['step_ms']:.1f} ms, {r['samples_per_s']:.0f} samples/s, MFU {100 * r['mfu']:.2g}% "
                      f"(compile {r['compile_s']:.1f} s)"))
     s = results["sampler"]
     rows.append((f"sampler, {s['num_steps']} steps x {s['batch']}",
@@ -257,9 +303,11 @@ def main(argv):
                                        f"{q['t_1']['us']:.0f} vs {q['t_T']['us']:.0f} µs"))
     if "torch_reference" in results:
         r = results["torch_reference"]
-        rows.append((f"PyTorch {r['torch']} reference, eager, {r['threads']} threads",
-                     f"{r['step_ms']:.1f} ms, {r['samples_per_s']:.0f} samples/s, MFU {100 * r['mfu']:.0f}%; "
-                     f"JAX / PyTorch samples/s = {r['jax_over_torch']:.2f}"))
+        where = "CUDA" if r["device"] == "cuda" else f"{r['threads']} threads"
+        rows.append((f"PyTorch {r['torch']} reference, eager, {where}",
+                     f"{r['step_ms']:.1f} ms, {r['samples_per_s']:.0f} samples/s, MFU {100 * r['mfu']:.2g}%; "
+                     f"JAX / PyTorch samples/s = {r['jax_over_torch']:.2f} (steps interleaved: JAX "
+                     f"{r['jax_interleaved_step_ms']:.1f} ms)"))
     print("| measure | value |\n|---|---|")
     for name, value in rows:
         print(f"| {name} | {value} |")

@@ -25,6 +25,11 @@ from mmdiff_jax.diffusion import likelihoods
 from mmdiff_jax.errors import UserError
 from mmdiff_jax.models.unet import Features
 
+# Encodings set the forward process's mean: their small products run in full float32 on every backend (a GPU's default
+# float32 dot runs as TF32, a TPU's in bfloat16 passes; TF32 put 5e-4 relative error in a label's expected
+# encoding on an H100).
+_EXACT = jax.lax.Precision.HIGHEST
+
 
 class ModalityError(UserError):
     """Bad modality configuration or bad data for a modality; the message names the modality and the fix."""
@@ -174,7 +179,7 @@ class LabelModality(Modality):
 
     def expected_encoding(self, head_out: jax.Array) -> jax.Array:
         probs = jax.nn.softmax(head_out.astype(jnp.float32), axis=-1)  # [B, K]
-        return jnp.tensordot(probs, jnp.asarray(self.codes), axes=(1, 0))
+        return jnp.tensordot(probs, jnp.asarray(self.codes), axes=(1, 0), precision=_EXACT)
 
     def decode(self, head_out: jax.Array) -> jax.Array:
         return jnp.argmax(head_out, axis=-1).astype(jnp.int32)
@@ -203,7 +208,8 @@ class VectorModality(Modality):
             self._fail(f"expected finite floating-point vectors, got dtype {x.dtype}.")
 
     def encode(self, x: jax.Array) -> jax.Array:
-        return (x.astype(jnp.float32) @ jnp.asarray(self.projection)).reshape((x.shape[0],) + self.latent_shape)
+        projected = jnp.matmul(x.astype(jnp.float32), jnp.asarray(self.projection), precision=_EXACT)
+        return projected.reshape((x.shape[0],) + self.latent_shape)
 
     def make_head(self, feature_dim, fmap_channels, temb_dim, rngs):
         return _MLPHead(feature_dim, temb_dim, self.spec.shape[0], 256, rngs)
@@ -264,7 +270,7 @@ class MaskModality(Modality):
 
     def expected_encoding(self, head_out: jax.Array) -> jax.Array:
         probs = jax.nn.softmax(head_out.astype(jnp.float32), axis=-1)  # [B, H, W, K]
-        return probs @ jnp.asarray(self.codes)
+        return jnp.matmul(probs, jnp.asarray(self.codes), precision=_EXACT)
 
     def decode(self, head_out: jax.Array) -> jax.Array:
         return jnp.argmax(head_out, axis=-1).astype(jnp.int32)

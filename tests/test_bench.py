@@ -15,13 +15,14 @@ def test_bench_pieces_on_the_tiny_config():
     s = bench.bench_sampler(config, num_steps=3, batch=8)
     assert s["scan_samples_per_s"] > 0 and s["python_loop_samples_per_s"] > 0
     assert s["scan_vs_loop_max_abs_diff"] < 1e-5  # the loop runs the very step the scan runs
-    t = bench.bench_train(config, steps=2, profile=True)
+    t, run = bench.bench_train(config, steps=2, profile=True)
     assert t["flops_per_step"] > 0 and t["one_device"]["devices"] == 1 and t["all_devices"]["devices"] == 8
     assert t["one_device"]["step_ms"] > 0 and t["batch"] == 16
     p = t["profile"]  # the train step's time by op kind, per device
     assert p["devices"] == 8 and p["step_ms"] > 0 and p["untraced_ms"] >= 0
     assert {"convolution", "all-reduce", "elementwise fusion"} <= set(p["traced_ms_by_kind"]), p
     assert sum(p["traced_ms_by_kind"].values()) <= p["step_ms"] * 1.05  # each device's ops fit within the step
+    assert np.isfinite(float(run()["grad_norm"]))  # the all-device step, returned for the interleaved PyTorch timing
 
 
 def test_op_kinds_classifies_compiled_hlo():
@@ -57,3 +58,7 @@ def test_torch_reference_is_the_same_network():
     assert torch_reference.param_count(step.model) == sum(x.size for x in jax.tree.leaves(params))
     losses = [step() for _ in range(3)]
     assert all(np.isfinite(losses)) and torch.get_num_threads() >= 1
+    calls = []
+    ref = bench.bench_torch(config, steps=4, jax_step=lambda: calls.append(1) or jax.numpy.zeros(()), rounds=2)
+    assert len(calls) == 4 and ref["rounds"] == 2 and ref["steps_per_round"] == 2  # JAX blocks alternate with torch's
+    assert ref["jax_over_torch"] == pytest.approx(ref["step_ms"] / ref["jax_interleaved_step_ms"])
