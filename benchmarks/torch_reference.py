@@ -7,8 +7,8 @@ output features and the time embedding) and the same step: t ~ U{1..T}, z_t = ab
 loss = mean (ε̂ - ε)^2 + cross-entropy of the label head, AdamW with global-norm clipping, an EMA of the weights.
 The parameter count equals the JAX model's (checked by tests/test_bench.py when torch is installed).
 
-torch is not a dependency of the package: `pip install -r benchmarks/requirements.txt` (torch==2.13.0, CPU); on a GPU host
-the bench runs the installed CUDA build of torch on the GPU.
+torch is not a dependency of the package: `pip install -r benchmarks/requirements.txt` (torch==2.13.0, CPU). On a
+GPU host the bench runs the installed CUDA build of torch on the GPU.
 """
 
 from __future__ import annotations

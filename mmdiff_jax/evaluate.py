@@ -109,8 +109,15 @@ def _label_metrics(gen, m, key, test_src, joint, ev, read, out_dir) -> dict:
     labels = joint[m.name]
     metrics = {f"{m.name}/min_class_fraction": float(np.bincount(labels, minlength=num_classes).min() / n)}
     given = {image_name: test_src.arrays[image_name]}
-    pred = gen.generate(jax.random.fold_in(key, 1), len(test_src), given=given)[m.name]
-    metrics[f"{m.name}/image_to_label_accuracy"] = float(np.mean(pred == test_src.arrays[m.name]))
+    draws = int(gen.config.eval.get("image_to_label_draws", 1))  # independent reverse processes per held-out image
+    keys = [jax.random.fold_in(key, 1)]  # the first draw's key is the one a single draw has always used
+    keys += [jax.random.fold_in(keys[0], d) for d in range(1, draws)]
+    per_draw = [float(np.mean(gen.generate(k, len(test_src), given=given)[m.name] == test_src.arrays[m.name]))
+                for k in keys]
+    metrics[f"{m.name}/image_to_label_accuracy"] = float(np.mean(per_draw))
+    if draws > 1:
+        metrics[f"{m.name}/image_to_label_accuracy_per_draw"] = per_draw
+        metrics[f"{m.name}/image_to_label_accuracy_std"] = float(np.std(per_draw, ddof=1))
     if ev is None:  # no evaluator for this data
         return metrics
     metrics[f"{m.name}/agreement"] = float(np.mean(labels == read))

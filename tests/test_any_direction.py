@@ -104,7 +104,13 @@ def test_one_model_samples_joint_marginal_conditional_and_guided(dropout_run):
 
 def test_eval_reports_guided_accuracy_and_bits_per_dim_by_modality(dropout_run):
     config, workdir, _ = dropout_run
+    config = config.copy_and_resolve_references()
+    config.eval.image_to_label_draws = 2
     results = evaluate.evaluate(config, workdir)
+    per_draw = results["label/image_to_label_accuracy_per_draw"]  # two independent reverse processes per image
+    assert len(per_draw) == 2 and all(0.0 <= a <= 1.0 for a in per_draw)
+    np.testing.assert_allclose(results["label/image_to_label_accuracy"], np.mean(per_draw))
+    np.testing.assert_allclose(results["label/image_to_label_accuracy_std"], np.std(per_draw, ddof=1))
     for w in ("0", "2"):
         assert 0.0 <= results[f"label/label_to_image_accuracy_guidance_{w}"] <= 1.0
     assert results["image/frechet_distance_without_label"] > 0
