@@ -19,10 +19,9 @@ import os
 import platform
 import statistics
 import time
-
-import numpy as np
 from typing import Any, Callable
 
+import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -79,16 +78,15 @@ def train_step_flops(config, diff, graphdef, params, tx, local: dict) -> float:
     default backend): a compiled multi-device step reports one device's share, a GPU compile counts no cuDNN
     convolution, and lowered programs give no cost analysis on plugin (GPU, TPU) backends."""
     import jax
-    from jax.sharding import AxisType
 
     from mmdiff_jax import parallel, train
 
     try:
-        cpu = jax.devices("cpu")[:1]
+        cpu = jax.devices("cpu")
     except RuntimeError:
-        raise SystemExit("error: the bench counts FLOPs on the CPU backend, which JAX_PLATFORMS leaves out: unset it or "
-                         "add cpu (JAX_PLATFORMS=cuda,cpu).") from None
-    mesh = jax.make_mesh((1, 1), parallel.BATCH_AXES, axis_types=(AxisType.Auto,) * 2, devices=cpu)
+        raise SystemExit("error: the bench counts FLOPs on the CPU backend, which JAX_PLATFORMS leaves out: unset it "
+                         "or add cpu (JAX_PLATFORMS=cuda,cpu).") from None
+    mesh = parallel.make_mesh(1, devices=cpu)
     state = parallel.replicate(train.initial_state(config, params, tx), mesh)
     step_fn = train.jit_train_step(graphdef, diff, tx, config.optim.ema_decay, mesh, state)
     return _flops(step_fn.lower(state, parallel.to_global_batch(local, mesh)))

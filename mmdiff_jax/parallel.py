@@ -11,7 +11,7 @@ One program runs on 1 CPU, N fake CPU devices, a GPU box, a multi-node GPU clust
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -74,9 +74,11 @@ def initialize_distributed(mode: str = "auto", coordinator_address: str | None =
     return True
 
 
-def make_mesh(data_parallel: int = -1, fsdp: int = 1) -> Mesh:
-    """A ('data', 'fsdp') mesh over data_parallel * fsdp devices (data_parallel=-1: all devices / fsdp)."""
-    n_dev = jax.device_count()
+def make_mesh(data_parallel: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ('data', 'fsdp') mesh over data_parallel * fsdp devices (data_parallel=-1: all devices / fsdp), taken from
+    `devices` (default: every device of the default backend)."""
+    devices = jax.devices() if devices is None else list(devices)
+    n_dev = len(devices)
     if fsdp < 1 or n_dev % fsdp:
         raise UserError(f"mesh.fsdp={fsdp}: must be >= 1 and divide the {n_dev} devices.")
     data = n_dev // fsdp if data_parallel in (-1, None) else int(data_parallel)
@@ -86,7 +88,7 @@ def make_mesh(data_parallel: int = -1, fsdp: int = 1) -> Mesh:
     if jax.process_count() > 1 and data * fsdp != n_dev:
         raise UserError(f"mesh.data x mesh.fsdp = {data * fsdp} but {jax.process_count()} processes hold {n_dev} "
                         "devices: a multi-process mesh must use every device (mesh.data=-1).")
-    return jax.make_mesh((data, fsdp), BATCH_AXES, axis_types=(AxisType.Auto,) * 2, devices=jax.devices()[:data * fsdp])
+    return jax.make_mesh((data, fsdp), BATCH_AXES, axis_types=(AxisType.Auto,) * 2, devices=devices[:data * fsdp])
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
