@@ -245,6 +245,7 @@ def validate(config, device_count: int | None = None, process_count: int | None 
     c.choice("sample.sampler", set(samplers.METHODS))
     _check_guidance(c, config)
     c.int_range("eval.elbo_examples", 0)
+    c.int_range("eval.conditional_examples", 0)
     c.int_range("eval.image_to_label_draws", 1)
     tag = c.get("eval.tag")
     if tag is not _MISSING and not (isinstance(tag, str) and re.fullmatch(r"[A-Za-z0-9_.-]*", tag)):

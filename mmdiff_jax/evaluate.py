@@ -4,7 +4,8 @@ behind them (`samples/*.npz` with PNG grids, as `--mode sample` writes them).
 Images (when the data has class labels to train the evaluator on): Fréchet distance and improved precision/recall in
 the evaluator's feature space against the held-out real images (with the train-vs-held-out distance as the floor).
 Labels: agreement between each jointly generated label and the evaluator's reading of its generated image; the share
-of the rarest class; image -> label accuracy of the model on held-out real images; label -> image accuracy (the
+of the rarest class; image -> label accuracy of the model on held-out real images (the first
+`eval.conditional_examples` of them when set, as for image -> mask); label -> image accuracy (the
 evaluator reads the requested class). Masks: image -> mask mIoU and pixel accuracy on held-out images; consistency
 of joint samples (mIoU between the generated mask and the model's mask for the generated image). Vectors (evaluator
 embeddings): cosine similarity between each generated embedding and the embedding of its generated image.
@@ -17,6 +18,7 @@ images generated without the label.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -58,11 +60,13 @@ def evaluate(config, workdir: str) -> dict:
         ev = evaluator_lib.for_sources(config, workdir, train_src, test_src)
         image_results, read = _image_metrics(config, ev, gen, train_src, test_src, joint)
         results.update(image_results)
+    conditional_src = _first_examples(test_src, config.eval.conditional_examples)  # reverse processes per example
+    results["conditional_examples"] = len(conditional_src)
     for m in gen.diff.modalities.aux:
         if m.kind == "label":
-            results.update(_label_metrics(gen, m, key, test_src, joint, ev, read, out_dir))
+            results.update(_label_metrics(gen, m, key, conditional_src, joint, ev, read, out_dir))
         elif m.kind == "mask":
-            results.update(_mask_metrics(gen, m, key, test_src, joint))
+            results.update(_mask_metrics(gen, m, key, conditional_src, joint))
         elif m.kind == "vector" and vectors.origin(config, m.name) == vectors.EVALUATOR:
             embed = embed or vectors.evaluator_embedding(config, workdir, train_src, test_src)
             results.update(_vector_metrics(config, embed, m, joint))
@@ -78,6 +82,13 @@ def evaluate(config, workdir: str) -> dict:
             json.dump(results, f, indent=2)
     logging.info("Evaluation: %s", json.dumps(results, indent=2))
     return results
+
+
+def _first_examples(src: sources.ArraySource, n: int) -> sources.ArraySource:
+    """The first n examples of src (n = 0 or n >= len(src): all of them)."""
+    if n == 0 or n >= len(src):
+        return src
+    return dataclasses.replace(src, arrays={k: v[:n] for k, v in src.arrays.items()})
 
 
 def _image_metrics(config, ev, gen, train_src, test_src, joint) -> tuple[dict, np.ndarray]:

@@ -106,7 +106,9 @@ def test_eval_reports_guided_accuracy_and_bits_per_dim_by_modality(dropout_run):
     config, workdir, _ = dropout_run
     config = config.copy_and_resolve_references()
     config.eval.image_to_label_draws = 2
+    config.eval.conditional_examples = 100  # image -> label on the first 100 held-out digits (of 359)
     results = evaluate.evaluate(config, workdir)
+    assert results["conditional_examples"] == 100
     per_draw = results["label/image_to_label_accuracy_per_draw"]  # two independent reverse processes per image
     assert len(per_draw) == 2 and all(0.0 <= a <= 1.0 for a in per_draw)
     np.testing.assert_allclose(results["label/image_to_label_accuracy"], np.mean(per_draw))

@@ -40,17 +40,22 @@ print(json.dumps({"note": note, "loss": float(loss), "grads": flat.tolist(), "yn
 """
 
 
-def _run(mode: str) -> dict:
+def _run(*modes: str) -> list[dict]:
+    """One fresh process per mode, all at once (each compiles on its own core); their JSON lines, in order."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["JAX_PLATFORMS"] = "cpu"
-    out = subprocess.run([sys.executable, "-c", _LOSS_AND_GRAD, mode], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    procs = [subprocess.Popen([sys.executable, "-c", _LOSS_AND_GRAD, mode], cwd=ROOT, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for mode in modes]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return results
 
 
 def test_tuned_flag_moves_convolutions_off_ynnpack_and_keeps_the_numbers():
-    tuned, default = _run("tuned"), _run("default")
+    tuned, default = _run("tuned", "default")
     assert tuned["note"] == f"XLA_FLAGS += {cpu_backend.tuning_flag()}"
     assert default["note"].startswith("XLA defaults")
     assert default["ynn_convs"] > 0 and tuned["ynn_convs"] == 0  # the flag took effect: no YNNPACK convolutions

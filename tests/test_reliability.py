@@ -69,6 +69,7 @@ def _count_lines(path):
 def test_sigterm_saves_and_resume_reaches_the_uninterrupted_params(tmp_path):
     full, interrupted = str(tmp_path / "full"), str(tmp_path / "interrupted")
     logs = [str(tmp_path / f"log{i}.txt") for i in range(3)]
+    uninterrupted = _launch(full, logs[2])  # alongside the interrupted run: two processes, two cores
     proc = _launch(interrupted, logs[0])
     metrics = os.path.join(interrupted, "metrics.jsonl")
     deadline = time.time() + 120
@@ -81,7 +82,6 @@ def test_sigterm_saves_and_resume_reaches_the_uninterrupted_params(tmp_path):
     assert 20 <= stopped_at < 300, stopped_at
     resumed = _launch(interrupted, logs[1])
     assert resumed.wait(timeout=180) == 0, open(logs[1]).read()[-3000:]
-    uninterrupted = _launch(full, logs[2])
     assert uninterrupted.wait(timeout=180) == 0, open(logs[2]).read()[-3000:]
 
     config = _config(num_steps=300)
