@@ -84,6 +84,7 @@ def test_fashion_mnist_reads_idx_files_and_says_how_to_install(tmp_path):
     shapes_image_mask.get_config("per_pixel_mask_loss"),
     digits_image_mask.get_config(), digits_image_mask.get_config("segmentation_only"),
     digits_image_mask.get_config("per_pixel_mask_loss"), digits_image_vector.get_config(),
+    digits_image_vector.get_config("per_dim_vector_loss"),
     digits_masked_image.get_config(), digits_masked_image.get_config("reconstruction_only"),
     digits_masked_image.get_config("image_only"),
 ])
