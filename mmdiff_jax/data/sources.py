@@ -49,6 +49,10 @@ class ArraySource:
         """Only the arrays named (those present; a missing one is reported by the batch check)."""
         return dataclasses.replace(self, arrays={k: v for k, v in self.arrays.items() if k in set(names)})
 
+    def first(self, n: int) -> "ArraySource":
+        """The first n examples (all of them when n >= len(self))."""
+        return dataclasses.replace(self, arrays={k: v[:n] for k, v in self.arrays.items()})
+
 
 def _stratified_test_mask(labels: np.ndarray, test_fraction: float, seed: int) -> np.ndarray:
     """A seeded choice of round(test_fraction * n_k) test examples from every class k: bool [N]."""
