@@ -67,6 +67,7 @@ def main(argv):
     config, workdir = _CONFIG.value, _WORKDIR.value
     logging.info("JAX %s: process %d/%d, devices %s; %s", jax.__version__, jax.process_index(),
                  jax.process_count(), jax.devices(), backend_note)
+    at_once = jax.process_count() > 1
     try:  # train() and load_generator() validate the whole config before anything compiles
         if _MODE.value == "train":
             train.train(config, workdir)
@@ -82,7 +83,24 @@ def main(argv):
         sys.exit(0)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _exit(2, at_once)
+    except Exception:  # noqa: BLE001 - reported in full, then the process leaves
+        if not at_once:
+            raise
+        logging.exception("Process %d of %d failed", jax.process_index(), jax.process_count())
+        _exit(1, at_once)
+
+
+def _exit(status: int, at_once: bool) -> None:
+    """Exit with `status`. In a multi-process run, at once: a normal exit runs jax.distributed's shutdown, which
+    waits at a barrier for every other process, and those are stuck in a collective with this one (until gloo's 30 s
+    deadline, or for good); a launcher could not see this failure and stop them."""
+    if not at_once:
+        sys.exit(status)
+    logging.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def _parse_flags(argv):
