@@ -5,6 +5,7 @@ the fsdp axis shards parameters and gives the losses of pure data parallelism.""
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -165,16 +166,20 @@ def test_a_failing_process_exits_at_once_instead_of_waiting_for_the_others(tmp_p
     """Process 1 fails (a bad config, after jax.distributed has started) while process 0 trains on. Process 1 must
     exit with its error at once, not wait in jax.distributed's shutdown for a process that will never get there:
     only then can a launcher see the failure and stop the rest."""
-    port = subprocess.run([sys.executable, "-c", "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); "
-                           "print(s.getsockname()[1])"], capture_output=True, text=True, check=True).stdout.strip()
+    with socket.socket() as s:  # a free port for the coordinator
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     common = ["--config", os.path.join(REPO, "configs", "tiny.py"), "--workdir", str(tmp_path / "run"),
               "--eval_after_train=false", "--cpu_devices=1", f"--coordinator_address=127.0.0.1:{port}",
               "--num_processes=2", "--config.train.num_steps=100000"]
-    logs = [open(tmp_path / f"process_{i}.log", "w+") for i in range(2)]
-    procs = [subprocess.Popen([sys.executable, "-m", "mmdiff_jax.main", *common, f"--process_id={i}",
-                               *(["--config.data.global_batch_size=-3"] if i == 1 else [])],
-                              cwd=REPO, env=env, stdout=logs[i], stderr=subprocess.STDOUT) for i in range(2)]
+    logs = [tmp_path / f"process_{i}.log" for i in range(2)]
+    procs = []
+    for i, log in enumerate(logs):
+        with open(log, "w") as out:  # the child keeps its own copy of the file descriptor
+            procs.append(subprocess.Popen([sys.executable, "-m", "mmdiff_jax.main", *common, f"--process_id={i}",
+                                           *(["--config.data.global_batch_size=-3"] if i == 1 else [])],
+                                          cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT))
     try:
         status = procs[1].wait(timeout=120)
         time.sleep(3)  # without the fix, process 1 leaves only when process 0 gives up (gloo's 30 s deadline)
@@ -183,7 +188,7 @@ def test_a_failing_process_exits_at_once_instead_of_waiting_for_the_others(tmp_p
         for p in procs:
             p.kill()
             p.wait()
-    text = [(f.seek(0), f.read())[1] for f in logs]
+    text = [log.read_text() for log in logs]
     assert status == 2, text[1][-3000:]
     assert "data.global_batch_size" in text[1] and "process 1 of 2" in text[1]
     assert still_training, f"process 1 exited only after process 0 stopped:\n{text[0][-3000:]}"
