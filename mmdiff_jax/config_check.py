@@ -250,6 +250,11 @@ def validate(config, device_count: int | None = None, process_count: int | None 
     tag = c.get("eval.tag")
     if tag is not _MISSING and not (isinstance(tag, str) and re.fullmatch(r"[A-Za-z0-9_.-]*", tag)):
         c.problems.append(f"eval.tag: letters, digits, '_', '.' or '-' only (it names eval_<tag>.json), got {tag!r}.")
+    probe = c.get("eval.head_probe_steps")
+    if probe is not _MISSING and not (isinstance(probe, (tuple, list)) and all(
+            _is_int(t) and 1 <= t <= (steps or t) for t in probe)):
+        c.problems.append(f"eval.head_probe_steps: must be a tuple of training steps in 1..diffusion.num_steps="
+                          f"{steps}, got {probe!r}.")
     weights = c.get("eval.guidance_weights")
     if weights is not _MISSING and not (isinstance(weights, (tuple, list)) and all(_is_number(w) for w in weights)):
         c.problems.append(f"eval.guidance_weights: must be a tuple of numbers, got {weights!r}.")

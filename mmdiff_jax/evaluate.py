@@ -11,7 +11,9 @@ of joint samples (mIoU between the generated mask and the model's mask for the g
 embeddings): cosine similarity between each generated embedding and the embedding of its generated image.
 Inpainting (`eval.inpainting_counts`): held-out images with fixed random black squares, filled in by the model, the
 unmasked pixels kept; masked-region MSE and PSNR, and LPIPS (see `_inpainting_metrics`). Likelihood: the negative
-ELBO of held-out examples in bits per dimension, split by modality. Models trained with modality dropout: label ->
+ELBO of held-out examples in bits per dimension, split by modality. Head probe (`eval.head_probe_steps`): the
+accuracy of each label or mask head on held-out examples at fixed steps t of the forward process, with and without
+the modality's encoding in z_t. Models trained with modality dropout: label ->
 image accuracy for each classifier-free guidance weight in `eval.guidance_weights`, and the Fréchet distance of
 images generated without the label.
 """
@@ -33,7 +35,7 @@ from mmdiff_jax import sample as sample_lib
 from mmdiff_jax.data import masking, sources, vectors
 from mmdiff_jax.diffusion import losses
 from mmdiff_jax.evaluation import evaluator as evaluator_lib
-from mmdiff_jax.evaluation import feature_metrics, grids, inpainting, segmentation
+from mmdiff_jax.evaluation import feature_metrics, grids, head_probe, inpainting, segmentation
 
 
 def evaluate(config, workdir: str) -> dict:
@@ -72,9 +74,14 @@ def evaluate(config, workdir: str) -> dict:
             results.update(_vector_metrics(config, embed, m, joint))
     if config.eval.inpainting_counts:
         results.update(_inpainting_metrics(config, gen, key, test_src, out_dir))
-    if config.eval.elbo_examples:  # every modality of the held-out examples: derived vectors and masked copies too
+    probe_steps = tuple(config.eval.get("head_probe_steps", ()))
+    if config.eval.elbo_examples or probe_steps:  # every held-out modality: derived vectors and masked copies too
         test_arrays = vectors.attach_vectors(config, test_src, "test", workdir, embed).arrays
-        results.update(_likelihood_metrics(config, gen, key, masking.with_held_out_masked(config, test_arrays)))
+        test_arrays = masking.with_held_out_masked(config, test_arrays)
+        if config.eval.elbo_examples:
+            results.update(_likelihood_metrics(config, gen, key, test_arrays))
+        if probe_steps:
+            results.update(_head_probe_metrics(config, gen, key, test_arrays, probe_steps))
     sample_lib.write_samples(out_dir, "joint", joint, gen)
     results["eval_seconds"] = time.perf_counter() - start
     if parallel.is_main_process():
@@ -219,6 +226,28 @@ def _likelihood_metrics(config, gen, key, test_arrays) -> dict:
     for i, m in enumerate(mods.aux):
         metrics[f"bpd/{m.name}"] = float(jnp.mean(out["bpd/aux"][:, i]))
     metrics["bpd/total"] = float(jnp.mean(out["bpd/total"]))
+    return metrics
+
+
+def _head_probe_metrics(config, gen, key, test_arrays, steps) -> dict:
+    """The heads of categorical modalities (label, mask) probed on held-out examples at the training steps
+    `eval.head_probe_steps` (`head_probe.head_accuracy_by_step`): accuracy with z_t drawn from the forward process
+    with the modality's encoding, and without it."""
+    mods = gen.diff.modalities
+    model = nnx.merge(gen.graphdef, gen.params)
+    batch = {name: jnp.asarray(test_arrays[name]) for name in mods.names}
+    z0, enc = np.asarray(batch[mods.primary.name], np.float32), np.asarray(mods.encode(batch))
+    metrics = {}
+    for i, m in enumerate(mods.aux):
+        if m.kind not in ("label", "mask"):
+            continue
+        acc = head_probe.head_accuracy_by_step(
+            gen.diff.sched, model, lambda heads, m=m: m.decode(heads[m.name]), z0, enc, test_arrays[m.name], i,
+            steps, jax.random.fold_in(key, 7), batch_size=config.sample.batch_size,
+            tell_presence=mods.conditions_on_presence)
+        for t, (with_it, without_it) in zip(steps, acc):
+            metrics[f"{m.name}/head_accuracy_t{t}"] = float(with_it)
+            metrics[f"{m.name}/head_accuracy_t{t}_without_{m.name}"] = float(without_it)
     return metrics
 
 

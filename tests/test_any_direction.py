@@ -102,11 +102,12 @@ def test_one_model_samples_joint_marginal_conditional_and_guided(dropout_run):
         gen.generate(jax.random.key(1), 6, guidance={"image": 1.0})
 
 
-def test_eval_reports_guided_accuracy_and_bits_per_dim_by_modality(dropout_run):
+def test_eval_reports_guided_accuracy_bits_per_dim_by_modality_and_the_head_probe(dropout_run):
     config, workdir, _ = dropout_run
     config = config.copy_and_resolve_references()
     config.eval.image_to_label_draws = 2
     config.eval.conditional_examples = 100  # image -> label on the first 100 held-out digits (of 359)
+    config.eval.head_probe_steps = (1, config.diffusion.num_steps)
     results = evaluate.evaluate(config, workdir)
     assert results["conditional_examples"] == 100
     per_draw = results["label/image_to_label_accuracy_per_draw"]  # two independent reverse processes per image
@@ -116,6 +117,9 @@ def test_eval_reports_guided_accuracy_and_bits_per_dim_by_modality(dropout_run):
     for w in ("0", "2"):
         assert 0.0 <= results[f"label/label_to_image_accuracy_guidance_{w}"] <= 1.0
     assert results["image/frechet_distance_without_label"] > 0
+    for t in config.eval.head_probe_steps:  # the label head probed on all held-out digits, with and without it
+        assert 0.0 <= results[f"label/head_accuracy_t{t}"] <= 1.0
+        assert 0.0 <= results[f"label/head_accuracy_t{t}_without_label"] <= 1.0
     assert results["elbo/num_examples"] == 16
     bpd_image, bpd_label, total = results["bpd/image"], results["bpd/label"], results["bpd/total"]
     assert bpd_image > 0 and bpd_label > 0 and np.isfinite(total)

@@ -231,6 +231,8 @@ MALFORMED = [
     ("sample steps", lambda c: setattr(c.sample, "num_steps", 101), r"sample.num_steps: must be an integer in "
                                                                      r"\[1, 100\]"),
     ("knn", lambda c: setattr(c.eval, "num_samples", 3), r"eval.num_samples: must be an integer >= 4"),
+    ("probe steps", lambda c: setattr(c.eval, "head_probe_steps", (1, 101)),
+     r"eval.head_probe_steps: must be a tuple of training steps in 1..diffusion.num_steps=100"),
 ]
 
 
