@@ -18,5 +18,6 @@ def get_config(preset: str = ""):
         raise ValueError(f"unknown preset {preset!r}; use one of {PRESETS}.")
     c = config_base.get_base_config()
     c.modalities.label = dict(kind="label", num_classes=10, weight_schedule="profile", weight_scale=1.0,
-                              loss_weight=1.0, dropout=0.15 if preset == "any_direction" else 0.0)
+                              loss_weight=1.0, dropout=0.15 if preset == "any_direction" else 0.0,
+                              head_loss_when_dropped=False)
     return c

@@ -155,6 +155,9 @@ def validate(config, device_count: int | None = None, process_count: int | None 
                 if not (_is_number(spec.dropout) and 0.0 <= spec.dropout < 1.0):
                     c.problems.append(f"modalities.{spec.name}.dropout: must be a probability in [0, 1), got "
                                       f"{spec.dropout!r}.")
+                if spec.head_loss_when_dropped not in (True, False):
+                    c.problems.append(f"modalities.{spec.name}.head_loss_when_dropped: must be True or False, got "
+                                      f"{spec.head_loss_when_dropped!r}.")
                 if not (_is_number(spec.loss_weight) and spec.loss_weight >= 0):
                     c.problems.append(f"modalities.{spec.name}.loss_weight: must be a finite number >= 0, got "
                                       f"{spec.loss_weight!r}.")

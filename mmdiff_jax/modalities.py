@@ -48,6 +48,8 @@ class ModalitySpec:
     loss_weight: float = 1.0
     seed: int = 0  # for fixed random codes / projections
     dropout: float = 0.0  # training: probability that an example's encoding is dropped (any-direction generation)
+    # training with dropout: train the head on the dropped examples too (by default their head loss is masked)
+    head_loss_when_dropped: bool = False
 
 
 class Modality:
@@ -335,6 +337,9 @@ class ModalitySet:
 
     def dropout_rates(self) -> list[float]:
         return [m.spec.dropout for m in self.aux]
+
+    def head_loss_when_dropped(self) -> list[bool]:
+        return [m.spec.head_loss_when_dropped for m in self.aux]
 
     @property
     def conditions_on_presence(self) -> bool:

@@ -89,14 +89,16 @@ def compute_loss(model, diff: Diffusion, batch: Mapping[str, jax.Array], key: ja
     eps_hat, head_outs = model(zt, t, present)
     enc_hat = mods.expected_encodings(head_outs, batch_size)
     aux_nll = mods.nlls(head_outs, batch, batch_size)
+    trained = jnp.ones_like(aux_nll)  # [B, N]: the examples each head is trained on
     if present is not None:
         enc_hat = enc_hat * _per_modality(present, enc_hat)
-        aux_nll = aux_nll * present  # and its head is not trained on it
+        # and its head is not trained on it, unless asked to (then it reads the primary alone)
+        trained = jnp.maximum(present, jnp.asarray(mods.head_loss_when_dropped(), jnp.float32))
+        aux_nll = aux_nll * trained
     terms = losses.loss_terms(diff.sched, t, z0, enc, eps, eps_hat, enc_hat, aux_nll, mods.loss_weights(),
                               diff.bin_width)
     loss, metrics = losses.training_loss(terms, diff.loss_weights)
-    kept = jnp.ones_like(aux_nll) if present is None else present  # [B, N]: the NLL metric is over kept examples
-    per_modality = jnp.sum(aux_nll, axis=0) / jnp.maximum(jnp.sum(kept, axis=0), 1.0)  # [N]
+    per_modality = jnp.sum(aux_nll, axis=0) / jnp.maximum(jnp.sum(trained, axis=0), 1.0)  # [N], over trained ones
     for i, m in enumerate(mods.aux):
         metrics[f"nll/{m.name}"] = per_modality[i]
     return loss, metrics

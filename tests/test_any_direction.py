@@ -28,7 +28,7 @@ class _Recorder(nnx.Module):
         return jnp.zeros_like(zt), {"label": jnp.zeros((zt.shape[0], 10))}
 
 
-def test_dropout_zeroes_the_encoding_and_the_head_loss_of_dropped_examples():
+def test_dropout_zeroes_the_encoding_and_the_head_loss_of_dropped_examples_unless_asked():
     config = tiny.get_config("dropout")
     config.modalities.label["dropout"] = 0.5
     diff = objective.build_diffusion(config)
@@ -47,6 +47,14 @@ def test_dropout_zeroes_the_encoding_and_the_head_loss_of_dropped_examples():
     enc = diff.modalities.encode(batch) * present.reshape(512, 1, 1, 1, 1)
     np.testing.assert_allclose(zt, process.q_sample(diff.sched, t, batch["image"], enc, eps), atol=1e-6)
     np.testing.assert_allclose(metrics["nll/label"], np.log(10.0), rtol=1e-5)  # the mean over the kept examples
+    kept = float(present.mean())
+    np.testing.assert_allclose(metrics["loss/l2"], kept * np.log(10.0), rtol=1e-5)  # dropped: no head loss
+    config.modalities.label["head_loss_when_dropped"] = True  # the head trained on every example
+    _, metrics = objective.compute_loss(model, objective.build_diffusion(config), batch, key)
+    np.testing.assert_array_equal(model.seen[-1][2], present)  # the same draws: the label still leaves the process
+    np.testing.assert_allclose(model.seen[-1][0], zt, atol=1e-6)
+    np.testing.assert_allclose(metrics["loss/l2"], np.log(10.0), rtol=1e-5)
+    np.testing.assert_allclose(metrics["nll/label"], np.log(10.0), rtol=1e-5)
     no_dropout = tiny.get_config()
     diff0 = objective.build_diffusion(no_dropout)
     objective.compute_loss(model, diff0, batch, key)

@@ -208,6 +208,8 @@ MALFORMED = [
     ("weight_schedule", lambda c: c.modalities.label.update(weight_schedule="cubic"),
      r"modalities.label.weight_schedule: unknown shape 'cubic'"),
     ("loss_weight", lambda c: c.modalities.label.update(loss_weight=-1.0), r"modalities.label.loss_weight: must be"),
+    ("head_loss_when_dropped", lambda c: c.modalities.label.update(head_loss_when_dropped="yes"),
+     r"modalities.label.head_loss_when_dropped: must be True or False, got 'yes'"),
     ("prior", lambda c: c.modalities.label.update(weight_schedule="constant", weight_scale=0.5),
      r"prior mismatch .* exceeds prior_tol"),
     ("source", lambda c: setattr(c.data, "source", "cifar"), r"data.source: unknown value 'cifar'"),
