@@ -4,8 +4,11 @@
     python -m mmdiff_jax.main --config configs/digits_image_label.py:any_direction --workdir runs/digits_any
 
 `any_direction`: the same model and budget trained with label dropout (each example's label is left out of the
-forward process, and its head loss, with probability 0.15), so one model learns the joint, the image marginal and
-both conditionals, and label -> image sampling can use classifier-free guidance (`sample.guidance.label`).
+forward process with probability 0.15), so one model learns the joint, the image marginal and both conditionals, and
+label -> image sampling can use classifier-free guidance (`sample.guidance.label`). The dropped examples' label head
+loss is masked; `--config.modalities.label.head_loss_when_dropped=True` keeps it (the head then reads the image alone):
+over four seeds that raised image -> label accuracy from 0.976 to 0.983, against 0.980 for the joint-only model, but
+label -> image accuracy at guidance weight 4 fell (README, "One model in every direction").
 """
 
 from mmdiff_jax import config_base
