@@ -83,6 +83,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.eval.conditional_examples = 0  # image -> label / mask on the first N held-out examples (0: all of them)
     c.eval.elbo_examples = 256  # held-out examples whose ELBO (bits/dim per modality) is summed over all T steps
     c.eval.guidance_weights = (0.0, 1.0, 2.0, 4.0)  # label -> image accuracy per weight (models with dropout)
+    # more (t_min, t_max) intervals to measure each nonzero weight under, besides sample.guidance_interval
+    # (keys label/label_to_image_accuracy_guidance_<w>_t<t_min>-<t_max>)
+    c.eval.guidance_intervals = ()
     c.eval.head_probe_steps = ()  # steps t in 1..T: label / mask head accuracy on held-out z_t, with and without it
     c.eval.inpainting_counts = ()  # inpaint held-out images with these numbers of squares (data.masking.square)
     return c

@@ -120,10 +120,15 @@ def _check_guidance(c: "_Checker", config) -> None:
         c.problems.append("sample.guidance: needs a model trained with modality dropout; set "
                           "modalities.<name>.dropout > 0.")
     interval = c.get("sample.guidance_interval")
-    if interval is not _MISSING and not (isinstance(interval, (tuple, list)) and len(interval) == 2
-                                         and all(_is_int(v) for v in interval) and interval[0] <= interval[1]):
+    if interval is not _MISSING and not _is_interval(interval):
         c.problems.append(f"sample.guidance_interval: must be (t_min, t_max) integers with t_min <= t_max, got "
                           f"{interval!r}.")
+
+
+def _is_interval(value) -> bool:
+    """(t_min, t_max): two integers, t_min <= t_max."""
+    return (isinstance(value, (tuple, list)) and len(value) == 2 and all(_is_int(v) for v in value)
+            and value[0] <= value[1])
 
 
 def validate(config, device_count: int | None = None, process_count: int | None = None) -> None:
@@ -261,6 +266,10 @@ def validate(config, device_count: int | None = None, process_count: int | None 
     weights = c.get("eval.guidance_weights")
     if weights is not _MISSING and not (isinstance(weights, (tuple, list)) and all(_is_number(w) for w in weights)):
         c.problems.append(f"eval.guidance_weights: must be a tuple of numbers, got {weights!r}.")
+    intervals = c.get("eval.guidance_intervals")
+    if intervals is not _MISSING and not (isinstance(intervals, (tuple, list)) and all(map(_is_interval, intervals))):
+        c.problems.append(f"eval.guidance_intervals: must be a tuple of (t_min, t_max) integer pairs with "
+                          f"t_min <= t_max, e.g. ((0, 200), (200, 1000)), got {intervals!r}.")
     if steps is not None:
         c.int_range("sample.num_steps", 1, steps, hint="(at most diffusion.num_steps)")
     c.number_range("sample.eta", 0.0)

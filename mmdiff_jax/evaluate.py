@@ -14,8 +14,9 @@ unmasked pixels kept; masked-region MSE and PSNR, and LPIPS (see `_inpainting_me
 ELBO of held-out examples in bits per dimension, split by modality. Head probe (`eval.head_probe_steps`): the
 accuracy of each label or mask head on held-out examples at fixed steps t of the forward process, with and without
 the modality's encoding in z_t. Models trained with modality dropout: label ->
-image accuracy for each classifier-free guidance weight in `eval.guidance_weights`, and the Fréchet distance of
-images generated without the label.
+image accuracy for each classifier-free guidance weight in `eval.guidance_weights` (under
+`sample.guidance_interval`, and under each of `eval.guidance_intervals`), and the Fréchet distance of images
+generated without the label.
 """
 
 from __future__ import annotations
@@ -138,11 +139,19 @@ def _label_metrics(gen, m, key, test_src, joint, ev, read, out_dir) -> dict:
     metrics[f"{m.name}/label_to_image_accuracy"] = float(np.mean(cond_read == wanted))
     sample_lib.write_samples(out_dir, f"{m.name}_to_image", cond, gen, sort_grid_by_label=True)
     if gen.diff.modalities.conditions_on_presence:
-        for w in gen.config.eval.guidance_weights:  # classifier-free guidance on the label, the same noise
-            guided = gen.generate(jax.random.fold_in(key, 2), n, given={m.name: wanted}, guidance={m.name: w})
-            metrics[f"{m.name}/label_to_image_accuracy_guidance_{w:g}"] = float(
+        # classifier-free guidance on the label, the same noise: each weight under sample.guidance_interval, each
+        # nonzero one also under the eval.guidance_intervals (suffix _t<t_min>-<t_max>)
+        weights, intervals = gen.config.eval.guidance_weights, gen.config.eval.get("guidance_intervals", ())
+        settings = [(w, None, "") for w in weights]
+        settings += [(w, (int(lo), int(hi)), f"_t{int(lo)}-{int(hi)}") for lo, hi in intervals
+                     for w in weights if float(w) != 0.0]
+        for w, interval, suffix in settings:
+            guided = gen.generate(jax.random.fold_in(key, 2), n, given={m.name: wanted}, guidance={m.name: w},
+                                  guidance_interval=interval)
+            metrics[f"{m.name}/label_to_image_accuracy_guidance_{w:g}{suffix}"] = float(
                 np.mean(ev(guided[image_name])[0] == wanted))
-            sample_lib.write_samples(out_dir, f"{m.name}_to_image_guidance_{w:g}", guided, gen, sort_grid_by_label=True)
+            sample_lib.write_samples(out_dir, f"{m.name}_to_image_guidance_{w:g}{suffix}", guided, gen,
+                                     sort_grid_by_label=True)
         marginal = gen.generate(jax.random.fold_in(key, 5), n, absent=[m.name])  # the image without the label
         metrics["image/frechet_distance_without_" + m.name] = feature_metrics.frechet_distance(
             ev(test_src.arrays[image_name])[1], ev(marginal[image_name])[1])

@@ -43,8 +43,8 @@ def _inpainting_columns(evals: list[dict]) -> list[tuple[str, str, str]]:
 
 def _dynamic_columns(evals: list[dict]) -> list[tuple[str, str, str]]:
     """Guided label -> image accuracy per weight, the FD without the label, and bits/dim per modality."""
-    keys = sorted({k for ev in evals for k in ev}, key=lambda k: (k.split("_guidance_")[0], _weight(k)))
-    guided = [(f"label→image acc., guidance {k.rsplit('_', 1)[1]}", k, "{:.3f}") for k in keys
+    keys = sorted({k for ev in evals for k in ev}, key=lambda k: (k.split("_guidance_")[0],) + _guidance_setting(k))
+    guided = [(_guidance_column(k), k, "{:.3f}") for k in keys
               if k.startswith("label/label_to_image_accuracy_guidance_")]
     without = [("Fréchet dist. without label", k, "{:.2f}") for k in keys if k == "image/frechet_distance_without_label"]
     bpd = [(f"bits/dim {k[4:]}", k, "{:.3f}") for k in keys if k.startswith("bpd/") and k != "bpd/total"]
@@ -52,12 +52,23 @@ def _dynamic_columns(evals: list[dict]) -> list[tuple[str, str, str]]:
     return guided + without + bpd + total
 
 
-def _weight(key: str) -> float:
-    """The number a key ends with (`..._guidance_2` -> 2.0), else 0."""
+def _guidance_setting(key: str) -> tuple[int, int, float]:
+    """(t_min, t_max, weight) of a guided key: `..._guidance_2` -> (-1, -1, 2.0) (the configured interval, first),
+    `..._guidance_2_t200-1000` -> (200, 1000, 2.0); other keys (-1, -1, 0.0)."""
+    setting = key.split("_guidance_")[-1] if "_guidance_" in key else ""
+    weight, _, interval = setting.partition("_t")
     try:
-        return float(key.rsplit("_", 1)[-1])
+        low, high = (int(v) for v in interval.split("-")) if interval else (-1, -1)
+        return low, high, float(weight)
     except ValueError:
-        return 0.0
+        return -1, -1, 0.0
+
+
+def _guidance_column(key: str) -> str:
+    """`..._guidance_2` -> 'label→image acc., guidance 2'; `..._guidance_2_t200-1000` -> the same + ', t 200-1000'."""
+    low, high, _ = _guidance_setting(key)
+    weight = key.split("_guidance_")[-1].partition("_t")[0]
+    return f"label→image acc., guidance {weight}" + (f", t {low}-{high}" if low >= 0 else "")
 
 
 def _load(workdir: str) -> tuple[dict, dict, str]:

@@ -61,12 +61,14 @@ class Generator:
 
     def generate(self, key: jax.Array, num: int, given: Mapping[str, np.ndarray] | None = None,
                  known_pixels: tuple[np.ndarray, np.ndarray] | None = None, absent: Sequence[str] = (),
-                 guidance: Mapping[str, float] | None = None) -> dict[str, np.ndarray]:
+                 guidance: Mapping[str, float] | None = None,
+                 guidance_interval: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
         """Generate `num` examples of every modality; `given` maps modality names to data of the given ones.
         `known_pixels` = (images [num, *S], known [num, *S] bool) inpaints the primary by replacement (see
         `samplers.sample`). For a model trained with modality dropout: `absent` names auxiliary modalities left out
         of the process (marginal generation), and `guidance` maps given modalities to classifier-free guidance
-        weights (default `sample.guidance`; interval `sample.guidance_interval`).
+        weights (default `sample.guidance`), applied for training steps t in `guidance_interval` = (t_min, t_max)
+        (default `sample.guidance_interval`).
 
         Returns {modality name: data} for every modality (the given ones are passed through; absent ones are the
         heads' outputs, which were not used).
@@ -77,7 +79,9 @@ class Generator:
         unknown = sorted((set(given) - set(mods.names)) | (set(absent) - set(aux_names)))
         if unknown:
             raise ValueError(f"given or absent modalities {unknown} are not among the model's {mods.names}.")
-        guides = self._guidance(dict(self.config.sample.guidance) if guidance is None else dict(guidance))
+        guides = self._guidance(dict(self.config.sample.guidance) if guidance is None else dict(guidance),
+                                tuple(self.config.sample.guidance_interval) if guidance_interval is None
+                                else tuple(guidance_interval))
         present = None
         if absent or guides:
             if not mods.conditions_on_presence:
@@ -110,13 +114,13 @@ class Generator:
                 outputs[m.name].append(value[:take])
         return {k: np.concatenate(v, axis=0) for k, v in outputs.items()}
 
-    def _guidance(self, weights: Mapping[str, float]) -> tuple[samplers.Guidance, ...]:
-        """{aux modality name: weight} (zero weights dropped) -> the samplers' Guidance, with the configured interval."""
+    def _guidance(self, weights: Mapping[str, float], interval: tuple[int, int]) -> tuple[samplers.Guidance, ...]:
+        """{aux modality name: weight} (zero weights dropped) -> the samplers' Guidance for t in interval."""
         aux_names = [m.name for m in self.diff.modalities.aux]
         bad = sorted(set(weights) - set(aux_names))
         if bad:
             raise UserError(f"sample.guidance: {bad} are not auxiliary modalities of the model ({aux_names}).")
-        low, high = tuple(self.config.sample.guidance_interval)
+        low, high = interval
         return tuple(samplers.Guidance(aux_names.index(name), float(w), int(low), int(high))
                      for name, w in sorted(weights.items()) if float(w) != 0.0)
 

@@ -65,13 +65,19 @@ def test_guidance_and_dropout_config_errors_name_the_field():
     config = tiny.get_config()  # no dropout
     config.sample.guidance = {"label": 2.0, "image": 1.0}
     config.sample.guidance_interval = (500, 100)
+    config.eval.guidance_intervals = ((0, 200), (300,))
     config.modalities.label["dropout"] = 1.0
     with pytest.raises(ConfigError) as err:
         config_check.validate(config, device_count=2, process_count=1)
     for text in ("modalities.label.dropout: must be a probability in [0, 1)", "sample.guidance.image: not an "
-                 "auxiliary modality", "sample.guidance_interval", ):
+                 "auxiliary modality", "sample.guidance_interval", "eval.guidance_intervals: must be a tuple of "
+                 "(t_min, t_max)"):
         assert text in str(err.value)
-    config_check.validate(digits_image_label.get_config("any_direction"), device_count=2, process_count=1)
+    for preset in ("any_direction", "any_direction_head_on_dropped"):
+        config_check.validate(digits_image_label.get_config(preset), device_count=2, process_count=1)
+    head_on_dropped = digits_image_label.get_config("any_direction_head_on_dropped")
+    assert head_on_dropped.modalities.label["head_loss_when_dropped"] and head_on_dropped.sample.clip_z0
+    assert tuple(head_on_dropped.sample.guidance_interval) == (200, 1000)
     plain = tiny.get_config()
     plain.sample.guidance = {"label": 2.0}
     with pytest.raises(ConfigError, match="sample.guidance: needs a model trained with modality dropout"):
@@ -116,6 +122,8 @@ def test_eval_reports_guided_accuracy_bits_per_dim_by_modality_and_the_head_prob
     config.eval.image_to_label_draws = 2
     config.eval.conditional_examples = 100  # image -> label on the first 100 held-out digits (of 359)
     config.eval.head_probe_steps = (1, config.diffusion.num_steps)
+    big_t = config.diffusion.num_steps
+    config.eval.guidance_intervals = ((0, big_t), (big_t + 1, big_t + 1))  # every step; none
     results = evaluate.evaluate(config, workdir)
     assert results["conditional_examples"] == 100
     per_draw = results["label/image_to_label_accuracy_per_draw"]  # two independent reverse processes per image
@@ -124,6 +132,10 @@ def test_eval_reports_guided_accuracy_bits_per_dim_by_modality_and_the_head_prob
     np.testing.assert_allclose(results["label/image_to_label_accuracy_std"], np.std(per_draw, ddof=1))
     for w in ("0", "2"):
         assert 0.0 <= results[f"label/label_to_image_accuracy_guidance_{w}"] <= 1.0
+    guided = "label/label_to_image_accuracy_guidance_"  # the same noise: an interval of every step is the default
+    assert results[f"{guided}2_t0-{big_t}"] == results[f"{guided}2"]  # (0, 1000), and one of no step is no guidance
+    assert results[f"{guided}2_t{big_t + 1}-{big_t + 1}"] == results[f"{guided}0"]
+    assert f"{guided}0_t0-{big_t}" not in results  # weight 0 is not repeated per interval
     assert results["image/frechet_distance_without_label"] > 0
     for t in config.eval.head_probe_steps:  # the label head probed on all held-out digits, with and without it
         assert 0.0 <= results[f"label/head_accuracy_t{t}"] <= 1.0

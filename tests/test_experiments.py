@@ -213,3 +213,11 @@ def test_report_groups_runs_by_dataset_and_keeps_only_filled_columns(tmp_path):
     (tmp_path / "inpaint" / "eval_fast.json").write_text(json.dumps({"step": 10, "inpaint_1sq/masked_mse": 0.75}))
     tagged = report.table([d, str(tmp_path / "inpaint" / "eval_fast.json")])
     assert "| inpaint (fast) | image+masked | 10 | 1.5 min | 0.750 |" in tagged
+    guided = "label/label_to_image_accuracy_guidance_"
+    e = run("any", "digits", {"image": {}, "label": {}},
+            {f"{guided}10": 0.6, f"{guided}2_t200-1000": 0.9, f"{guided}0": 0.5, f"{guided}4_t0-200": 0.7,
+             f"{guided}2": 0.8})
+    any_table = report.table([e])  # the configured interval first, by weight; then each interval, by weight
+    assert ("| label→image acc., guidance 0 | label→image acc., guidance 2 | label→image acc., guidance 10 | "
+            "label→image acc., guidance 4, t 0-200 | label→image acc., guidance 2, t 200-1000 |") in any_table
+    assert "| 0.500 | 0.800 | 0.600 | 0.700 | 0.900 |" in any_table
