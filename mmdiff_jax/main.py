@@ -27,6 +27,11 @@ _CPU_DEVICES = flags.DEFINE_integer(
 _XLA_CPU_TUNED = flags.DEFINE_bool(
     "xla_cpu_tuned", True, "Add the XLA CPU flag that keeps small convolutions on XLA's own kernels (about 1.4x "
     "faster on the default model; see mmdiff_jax/cpu_backend.py). Not added on accelerator installs.")
+_COMPILATION_CACHE_DIR = flags.DEFINE_string(
+    "compilation_cache_dir", None,
+    "JAX's persistent compilation cache, so a rerun, resume, eval or sample of the same model skips compiling again "
+    "(mmdiff_jax/compilation_cache.py). Default: JAX_COMPILATION_CACHE_DIR if set, else ~/.cache/mmdiff_jax/xla; "
+    "'' turns it off.")
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "on", "off"],
     "Multi-process runs through jax.distributed. auto: start it when a coordinator is given (flag or "
@@ -50,9 +55,10 @@ def main(argv):
     logging.get_absl_handler().addFilter(_DropLibraryInfo())
     import jax  # after flag parsing; nothing touches a device before this point
 
-    from mmdiff_jax import cpu_backend
+    from mmdiff_jax import compilation_cache, cpu_backend
 
     backend_note = cpu_backend.configure(_CPU_DEVICES.value, _XLA_CPU_TUNED.value)
+    cache_note = compilation_cache.configure(_COMPILATION_CACHE_DIR.value)
 
     from mmdiff_jax import evaluate, parallel, sample, train
     from mmdiff_jax.errors import UserError
@@ -65,8 +71,8 @@ def main(argv):
         sys.exit(2)
 
     config, workdir = _CONFIG.value, _WORKDIR.value
-    logging.info("JAX %s: process %d/%d, devices %s; %s", jax.__version__, jax.process_index(),
-                 jax.process_count(), jax.devices(), backend_note)
+    logging.info("JAX %s: process %d/%d, devices %s; %s; %s", jax.__version__, jax.process_index(),
+                 jax.process_count(), jax.devices(), backend_note, cache_note)
     at_once = jax.process_count() > 1
     try:  # train() and load_generator() validate the whole config before anything compiles
         if _MODE.value == "train":
