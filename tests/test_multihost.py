@@ -60,9 +60,7 @@ def runs(tmp_path_factory):
     train.train(_config(), one)
     two = str(tmp_path_factory.mktemp("two_processes"))
     env = dict(os.environ, PYTHON=sys.executable, CPU_DEVICES_PER_PROCESS="2", TIMEOUT_S="240",
-               LOG_DIR=os.path.join(two, "logs"), JAX_PLATFORMS="cpu",
-               JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+               LOG_DIR=os.path.join(two, "logs"), JAX_PLATFORMS="cpu")  # and the test cache (conftest)
     cmd = [LAUNCHER, "2", "--config", os.path.join(REPO, "configs", "tiny.py"), "--workdir", two,
            "--eval_after_train=false", "--config.mesh.data=-1"]
     # not alongside the run above: on 2 busy cores a process can miss gloo's 30 s rendezvous deadline

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 import jax
@@ -51,12 +50,10 @@ SUBPROCESS_FLAGS = ["--config.train.num_steps=300", "--config.train.log_every=1"
 
 def _launch(workdir, log_path):
     """Start the main job on the tiny config in a subprocess; its log goes to a file (a pipe could fill and block)."""
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=os.path.join(tempfile.gettempdir(), "mmdiff_jax_test_cache"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    with open(log_path, "w") as log:
+    with open(log_path, "w") as log:  # the test cache comes with the environment (conftest)
         return subprocess.Popen(
             [sys.executable, "-m", "mmdiff_jax.main", "--config", "configs/tiny.py", "--workdir", workdir]
-            + SUBPROCESS_FLAGS, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+            + SUBPROCESS_FLAGS, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
 
 
 def _count_lines(path):
