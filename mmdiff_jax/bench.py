@@ -25,6 +25,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from mmdiff_jax import timing
+
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/digits_image_label.py", "Config to benchmark.")
 _OUT = flags.DEFINE_string("out", "bench.json", "Where to write the JSON results.")
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", len(os.sched_getaffinity(0)), "CPU devices (as in main).")
@@ -35,42 +37,6 @@ _PROFILE = flags.DEFINE_bool("profile", False, "Also trace the multi-device trai
 _STEPS = flags.DEFINE_integer("steps", 30, "Timed train steps.")
 _TORCH = flags.DEFINE_bool("torch", False, "Also time the PyTorch reference of the same step "
                            "(benchmarks/torch_reference.py; needs `pip install -r benchmarks/requirements.txt`).")
-
-
-def _timeit(fn, repeats: int) -> list[float]:
-    import jax
-
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def _flops(stage) -> float:
-    """XLA's FLOP count of a `jax.stages.Lowered` or `Compiled` computation."""
-    cost = stage.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost["flops"])
-
-
-def matmul_size(backend: str) -> int:
-    """The square matmul that measures the peak: 2048 on CPU; 8192 on an accelerator (2048 does not fill one)."""
-    return 2048 if backend == "cpu" else 8192
-
-
-def matmul_peak(n: int = 2048, dtype: str = "float32") -> float:
-    """Best-of-10 GFLOP/s of an n x n `dtype` matmul under jit, at JAX's default precision (the step's: on a GPU a
-    float32 dot may run as TF32)."""
-    import jax
-    import jax.numpy as jnp
-
-    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
-    dot = jax.jit(jnp.dot)
-    dot(a, b).block_until_ready()
-    return 2 * n**3 / min(_timeit(lambda: dot(a, b), 10)) / 1e9
 
 
 def train_step_flops(config, diff, graphdef, params, tx, local: dict) -> float:
@@ -89,7 +55,7 @@ def train_step_flops(config, diff, graphdef, params, tx, local: dict) -> float:
     mesh = parallel.make_mesh(1, devices=cpu)
     state = parallel.replicate(train.initial_state(config, params, tx), mesh)
     step_fn = train.jit_train_step(graphdef, diff, tx, config.optim.ema_decay, mesh, state)
-    return _flops(step_fn.lower(state, parallel.to_global_batch(local, mesh)))
+    return timing.flops(step_fn.lower(state, parallel.to_global_batch(local, mesh)))
 
 
 def bench_train(config, steps: int, profile: bool = False) -> tuple[dict, Callable[[], Any]]:
@@ -123,7 +89,7 @@ def bench_train(config, steps: int, profile: bool = False) -> tuple[dict, Callab
             return metrics
 
         run()
-        times = _timeit(run, steps)
+        times = timing.timeit(run, steps)
         median = statistics.median(times)
         results[name] = {
             "devices": mesh.devices.size,
@@ -161,7 +127,7 @@ def bench_sampler(config, num_steps: int = 50, batch: int = 256) -> dict:
 
     scan_fn = jax.jit(lambda p, k: samplers.sample(chain, lambda z, t: predict(p, z, t), k, batch, shape)[0])
     scan_fn(params, jax.random.key(0)).block_until_ready()
-    scan_s = min(_timeit(lambda: scan_fn(params, jax.random.key(0)), 3))
+    scan_s = min(timing.timeit(lambda: scan_fn(params, jax.random.key(0)), 3))
 
     init_key, loop_key = jax.random.split(jax.random.key(0))  # as `samplers.sample` does
 
@@ -177,7 +143,7 @@ def bench_sampler(config, num_steps: int = 50, batch: int = 256) -> dict:
         return z
 
     same = float(jnp.max(jnp.abs(loop() - scan_fn(params, jax.random.key(0)))))  # like for like: same samples
-    loop_s = min(_timeit(loop, 3))
+    loop_s = min(timing.timeit(loop, 3))
     return {"num_steps": num_steps, "batch": batch, "scan_samples_per_s": batch / scan_s,
             "python_loop_samples_per_s": batch / loop_s, "scan_speedup": loop_s / scan_s,
             "scan_vs_loop_max_abs_diff": same}
@@ -201,8 +167,8 @@ def bench_q_sample(config, batch: int = 128) -> dict:
                                                                    e, x))
         compiled = fn.lower(z, enc, noise).compile()
         compiled(z, enc, noise).block_until_ready()
-        out[label] = {"flops": _flops(compiled),
-                      "us": 1e6 * statistics.median(_timeit(lambda: compiled(z, enc, noise), 50))}
+        out[label] = {"flops": timing.flops(compiled),
+                      "us": 1e6 * statistics.median(timing.timeit(lambda: compiled(z, enc, noise), 50))}
     return out
 
 
@@ -235,7 +201,7 @@ def bench_torch(config, steps: int, jax_step: Callable[[], Any], rounds: int = 5
     per_round = max(1, steps // rounds)
     torch_times, jax_times = [], []
     for _ in range(rounds):
-        jax_times += _timeit(jax_step, per_round)
+        jax_times += timing.timeit(jax_step, per_round)
         torch_times += torch_reference.time_steps(step, per_round, warmup=0)
     torch_s, jax_s = statistics.median(torch_times), statistics.median(jax_times)
     return {"torch": torch.__version__, "device": device, "threads": torch.get_num_threads(),
@@ -253,8 +219,8 @@ def main(argv):
 
     backend_note = cpu_backend.configure(_CPU_DEVICES.value, _XLA_CPU_TUNED.value)
     config = _CONFIG.value
-    peak_n, peak_dtype = matmul_size(jax.default_backend()), str(config.model.dtype)
-    peak = matmul_peak(peak_n, peak_dtype)
+    peak_n, peak_dtype = timing.matmul_size(jax.default_backend()), str(config.model.dtype)
+    peak = timing.matmul_peak(peak_n, peak_dtype)
     train_results, jax_step = bench_train(config, _STEPS.value, _PROFILE.value)
     flops = train_results["flops_per_step"]
     passes = [k for k in ("one_device", "all_devices") if k in train_results]
