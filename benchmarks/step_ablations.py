@@ -3,6 +3,7 @@ variant timed in interleaved rounds in one process (the host's speed drifts by m
 installed, for the PyTorch reference of the same network.
 
     python -m benchmarks.step_ablations [--config configs/digits_image_label.py] [--rounds 6] [--out ablations.json]
+                                        [--notorch]
 
 Step variants (each a *different program*, built only to account for time; none of them trains the model):
   full            the main job's step (JAX: all CPU devices, as `python -m mmdiff_jax.bench` times it)
@@ -11,9 +12,10 @@ Step variants (each a *different program*, built only to account for time; none 
                   was): what the step costs without its 3x3 convolutions
   no_groupnorm    every GroupNorm replaced by the identity
   fused_gn_silu   JAX only: GroupNorm -> SiLU in every ResBlock as one op with a hand-written VJP (the same function;
-                  `fused_groupnorm_silu` below, checked against autodiff by tests/test_bench.py)
+                  `fused_groupnorm_silu` below, checked against float64 autodiff by tests/test_step_ablations.py)
 Then each 3x3 convolution of the U-Net, forward and both gradients, timed alone at the full batch: XLA on one CPU
-device against PyTorch (oneDNN) on as many threads, with its count in one forward pass.
+device (whose convolutions use every core) against PyTorch (oneDNN, its default threads), with each shape's count
+in one forward pass.
 """
 
 from __future__ import annotations
@@ -120,7 +122,6 @@ def _patched(obj, name: str, value):
 
 def _grad_only_step(graphdef, diff, tx, ema_decay):
     """A step with the loss, the gradients and their norm, and nothing else (the state only counts the step)."""
-
     del tx, ema_decay
 
     def step(state, batch):
@@ -275,19 +276,9 @@ def torch_steps(config, names, local: dict) -> dict[str, Callable[[], float]]:
 def _torch_grad_only(step) -> Callable[[], float]:
     """The reference's loss, gradients and their global norm, and nothing else."""
     import torch
-    from torch import nn
 
     def run() -> float:
-        b = step.z0.shape[0]
-        t = torch.randint(1, step.num_steps + 1, (b,), generator=step.gen)
-        eps = torch.randn(step.z0.shape, generator=step.gen)
-        view = (b, 1, 1, 1)
-        zt = step.abar[t].view(view) * step.z0 + step.c[t].view(view) * step.codes[step.labels] + \
-            step.s[t].view(view) * eps
-        eps_hat, logits = step.model(zt, t)
-        loss = ((eps_hat - eps) ** 2).mean() + nn.functional.cross_entropy(logits, step.labels)
-        step.model.zero_grad(set_to_none=True)
-        loss.backward()
+        step.loss_and_grads()
         return float(torch.nn.utils.get_total_norm([p.grad for p in step.model.parameters()]))
 
     return run

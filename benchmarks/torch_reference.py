@@ -141,6 +141,15 @@ class TrainStep:
         self.gen = torch.Generator(device=device).manual_seed(0)
 
     def __call__(self) -> float:
+        loss = self.loss_and_grads()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+        self.opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(self.ema, list(self.model.parameters()), 1.0 - self.decay)
+        return loss.item()  # waits for the device, so wall-clock timing is right on CUDA too
+
+    def loss_and_grads(self) -> torch.Tensor:
+        """The forward pass on a fresh (t, ε) and the backward pass: the loss, with the gradients in `.grad`."""
         b = self.z0.shape[0]
         t = torch.randint(1, self.num_steps + 1, (b,), generator=self.gen, device=self.z0.device)
         eps = torch.randn(self.z0.shape, generator=self.gen, device=self.z0.device)
@@ -151,11 +160,7 @@ class TrainStep:
         loss = ((eps_hat - eps) ** 2).mean() + nn.functional.cross_entropy(logits, self.labels)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
-        self.opt.step()
-        with torch.no_grad():
-            torch._foreach_lerp_(self.ema, list(self.model.parameters()), 1.0 - self.decay)
-        return loss.item()  # waits for the device, so wall-clock timing is right on CUDA too
+        return loss
 
 
 def time_steps(step: TrainStep, steps: int, warmup: int = 3) -> list[float]:
