@@ -61,7 +61,6 @@ def _per_channel(v, groups: int, channels: int):
 
 
 def _gn_silu_fwd(x, scale, bias, groups: int, eps: float):
-
     c = x.shape[-1]
     mean, var = _group_stats(x, groups)
     rstd = jax.lax.rsqrt(var + eps)
@@ -72,7 +71,6 @@ def _gn_silu_fwd(x, scale, bias, groups: int, eps: float):
 def _gn_silu_bwd(groups: int, eps: float, residuals, gy):
     """The VJP from the saved input and statistics: u and sigmoid(u) are recomputed, two per-channel sums are taken
     in one pass (sum of du, sum of du * x_hat), and dx comes out of one more elementwise pass."""
-
     del eps
     x, scale, bias, mean, rstd = residuals
     b, h, w, c = x.shape
@@ -99,12 +97,17 @@ def fused_groupnorm_silu(x, scale, bias, groups: int, eps: float):
 fused_groupnorm_silu.defvjp(_gn_silu_fwd, _gn_silu_bwd)
 
 
+def _stride(conv: nnx.Conv) -> int:
+    """An nnx.Conv's stride (the same along both spatial axes in this model)."""
+    return int(conv.strides if isinstance(conv.strides, int) else (conv.strides or (1,))[0])
+
+
 def _conv_centre_tap(conv, x):
     """An nnx.Conv's 3x3 kernel reduced to its centre tap: a 1x1 convolution (as a dot), strided like the original."""
     kernel = conv.kernel[...]
     if kernel.shape[:2] != (3, 3):
         return _NNX_CONV_CALL(conv, x)
-    stride = conv.strides if isinstance(conv.strides, int) else (conv.strides or (1,))[0]
+    stride = _stride(conv)
     x = x[:, ::stride, ::stride] if stride > 1 else x
     y = jnp.einsum("bhwc,co->bhwo", x, kernel[1, 1])
     return y if conv.bias is None else y + conv.bias[...]
@@ -135,7 +138,6 @@ def _grad_only_step(graphdef, diff, tx, ema_decay):
 
 
 def _fused_res_block(block, x, temb):
-
     def norm_silu(norm, h):
         return fused_groupnorm_silu(h, norm.scale[...], norm.bias[...], norm.num_groups, norm.epsilon)
 
@@ -160,13 +162,18 @@ def jax_variant(name: str):
     raise ValueError(f"unknown JAX variant {name!r}; use one of {JAX_VARIANTS}.")
 
 
-def build_jax_steps(config, names) -> dict[str, dict]:
-    """Each variant compiled on all devices; name -> {'run': one step, 'compile_s', 'hlo'}."""
+def first_batch(config) -> dict[str, np.ndarray]:
+    """The first training batch of the config's data, as the main job would draw it."""
+    src = sources.get_source(config.data.source, "train", **dict(config.data.source_kwargs))
+    return next(pipeline.train_iterator(src, config.data.global_batch_size, 0))
+
+
+def build_jax_steps(config, names, local: dict) -> dict[str, dict]:
+    """Each variant compiled on all devices for the batch `local`; name -> {'run': one step, 'compile_s', 'hlo',
+    'devices'}."""
     diff = objective.build_diffusion(config)
     graphdef, params = train.create_model(config, diff)
     tx = train.make_optimizer(config.optim, config.train.num_steps)
-    src = sources.get_source(config.data.source, "train", **dict(config.data.source_kwargs))
-    local = next(pipeline.train_iterator(src, config.data.global_batch_size, 0))
     mesh = parallel.make_mesh(-1)
     batch = parallel.to_global_batch(local, mesh)
     steps = {}
@@ -176,13 +183,14 @@ def build_jax_steps(config, names) -> dict[str, dict]:
             step_fn = train.jit_train_step(graphdef, diff, tx, config.optim.ema_decay, mesh, state)
             start = time.perf_counter()
             compiled = step_fn.lower(state, batch).compile()
+            compile_s = time.perf_counter() - start
         holder = {"state": state}
 
         def run(compiled=compiled, holder=holder):
             holder["state"], metrics = compiled(holder["state"], batch)
             return metrics
 
-        steps[name] = {"run": run, "compile_s": time.perf_counter() - start, "hlo": compiled.as_text(),
+        steps[name] = {"run": run, "compile_s": compile_s, "hlo": compiled.as_text(),
                        "devices": mesh.devices.size}
     return steps
 
@@ -190,18 +198,15 @@ def build_jax_steps(config, names) -> dict[str, dict]:
 def conv3x3_shapes(config) -> list[dict]:
     """Every 3x3 convolution of one forward pass of the model at the config's batch: input shape, output channels,
     stride, and how many times that combination occurs."""
-
     diff = objective.build_diffusion(config)
     graphdef, params = train.create_model(config, diff)
     seen: list[tuple] = []
-    original = nnx.Conv.__call__
 
     def recording(conv, x):
         kernel = conv.kernel[...]
         if kernel.shape[:2] == (3, 3):
-            stride = conv.strides if isinstance(conv.strides, int) else (conv.strides or (1,))[0]
-            seen.append((tuple(x.shape), int(kernel.shape[-1]), int(stride)))
-        return original(conv, x)
+            seen.append((tuple(x.shape), int(kernel.shape[-1]), _stride(conv)))
+        return _NNX_CONV_CALL(conv, x)
 
     b = config.data.global_batch_size
     zt = jax.ShapeDtypeStruct((b, *config.latent_shape), jnp.float32)
@@ -214,13 +219,8 @@ def conv3x3_shapes(config) -> list[dict]:
     return [{"input": list(k[0]), "out_channels": k[1], "stride": k[2], "count": n} for k, n in counts.items()]
 
 
-def _median_ms(fn: Callable[[], Any], repeats: int, block: Callable[[Any], Any]) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        block(fn())
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
+    return 1e3 * statistics.median(timing.timeit(fn, repeats))
 
 
 def time_conv_xla(shape: dict, repeats: int = 30) -> tuple[float, float]:
@@ -245,7 +245,7 @@ def time_conv_xla(shape: dict, repeats: int = 30) -> tuple[float, float]:
     flops = float(step.lower(x, w, cotangent).cost_analysis()["flops"])
     for _ in range(3):
         jax.block_until_ready(step(x, w, cotangent))
-    return _median_ms(lambda: step(x, w, cotangent), repeats, jax.block_until_ready), flops
+    return _median_ms(lambda: step(x, w, cotangent), repeats), flops
 
 
 # ------------------------------------------------------------------------------------------------ PyTorch pieces
@@ -291,7 +291,6 @@ def time_conv_torch(shape: dict, repeats: int = 30) -> float:
     b, h, w, c = shape["input"]
     x = torch.randn(b, c, h, w, requires_grad=True)
     conv = torch.nn.Conv2d(c, shape["out_channels"], 3, stride=shape["stride"], padding=1, bias=False)
-
     cotangent = torch.randn_like(conv(x))
 
     def run():
@@ -301,22 +300,19 @@ def time_conv_torch(shape: dict, repeats: int = 30) -> float:
 
     for _ in range(3):
         run()
-    return _median_ms(run, repeats, lambda _: None)
+    return _median_ms(run, repeats)
 
 
 # ------------------------------------------------------------------------------------------------------- driver
-def interleaved(runs: dict[str, Callable[[], Any]], rounds: int, per_round: int,
-                block: dict[str, Callable[[Any], Any]]) -> dict[str, float]:
-    """Median ms per call of each function, timed in `rounds` rounds of `per_round` calls each, in turn."""
+def interleaved(runs: dict[str, Callable[[], Any]], rounds: int, per_round: int) -> dict[str, float]:
+    """Median ms per call of each function (JAX results waited for), after one warm-up call each, timed in `rounds`
+    rounds of `per_round` calls each, in turn."""
     times: dict[str, list[float]] = {k: [] for k in runs}
-    for fn_name, fn in runs.items():  # warm-up
-        block[fn_name](fn())
+    for fn in runs.values():
+        timing.timeit(fn, 1)
     for _ in range(rounds):
         for fn_name, fn in runs.items():
-            for _ in range(per_round):
-                start = time.perf_counter()
-                block[fn_name](fn())
-                times[fn_name].append(time.perf_counter() - start)
+            times[fn_name] += timing.timeit(fn, per_round)
     return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 
@@ -334,16 +330,12 @@ def main(argv):
         with_torch = False
     if jax.default_backend() != "cpu":
         raise SystemExit("error: step_ablations times the CPU path (XLA CPU against PyTorch on the CPU).")
-    jax_steps = build_jax_steps(config, JAX_VARIANTS)
+    local = first_batch(config)
+    jax_steps = build_jax_steps(config, JAX_VARIANTS, local)
     runs = {f"jax/{k}": v["run"] for k, v in jax_steps.items()}
-    block = {k: jax.block_until_ready for k in runs}
     if with_torch:
-        src = sources.get_source(config.data.source, "train", **dict(config.data.source_kwargs))
-        local = next(pipeline.train_iterator(src, config.data.global_batch_size, 0))
-        for k, fn in torch_steps(config, TORCH_VARIANTS, local).items():
-            runs[f"torch/{k}"] = fn
-            block[f"torch/{k}"] = lambda _: None
-    step_ms = interleaved(runs, FLAGS.rounds, FLAGS.per_round, block)
+        runs.update({f"torch/{k}": fn for k, fn in torch_steps(config, TORCH_VARIANTS, local).items()})
+    step_ms = interleaved(runs, FLAGS.rounds, FLAGS.per_round)
     peak = timing.matmul_peak(timing.matmul_size("cpu"))
     convs = conv3x3_shapes(config)
     for shape in convs:
@@ -353,7 +345,7 @@ def main(argv):
             shape["torch_ms"] = time_conv_torch(shape)
     results = {
         "config": {"batch": config.data.global_batch_size, "channels": list(config.model.channels)},
-        "cpu_backend": backend_note, "jax": jax.__version__, "devices": parallel.make_mesh(-1).devices.size,
+        "cpu_backend": backend_note, "jax": jax.__version__, "devices": jax_steps["full"]["devices"],
         "matmul_peak_gflops": peak, "rounds": FLAGS.rounds, "per_round": FLAGS.per_round,
         "step_ms": step_ms, "compile_s": {k: v["compile_s"] for k, v in jax_steps.items()},
         "conv3x3": convs,
@@ -389,8 +381,8 @@ def main(argv):
 
 
 def _define_flags() -> None:
-    """The command line's flags, defined only when this file runs as a program (so that importing it, as the tests
-    and `mmdiff_jax.bench` do, defines none that could clash with theirs)."""
+    """The command line's flags, defined only when this file runs as a program, so that importing it (the tests do,
+    beside `mmdiff_jax.bench`, which defines `--config` and `--out` too) defines none."""
     config_flags.DEFINE_config_file("config", "configs/digits_image_label.py", "Config whose step is ablated.")
     flags.DEFINE_string("out", "ablations.json", "Where to write the JSON results.")
     flags.DEFINE_integer("rounds", 6, "Interleaved rounds; every variant runs `--per_round` steps in each.")

@@ -84,7 +84,8 @@ def test_fused_groupnorm_silu_vjp_matches_autodiff_and_finite_differences():
 
 @pytest.fixture(scope="module")
 def tiny_steps():
-    return step_ablations.build_jax_steps(tiny.get_config(), step_ablations.JAX_VARIANTS)
+    config = tiny.get_config()
+    return step_ablations.build_jax_steps(config, step_ablations.JAX_VARIANTS, step_ablations.first_batch(config))
 
 
 def test_every_variant_builds_and_is_the_program_it_claims(tiny_steps):
@@ -119,7 +120,7 @@ def test_conv3x3_shapes_count_every_3x3_convolution():
 def test_interleaved_timing_and_timing_primitives():
     calls = []
     medians = step_ablations.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
-                                         rounds=2, per_round=3, block={"a": lambda _: None, "b": lambda _: None})
+                                         rounds=2, per_round=3)
     assert calls == ["a", "b"] + ["a"] * 3 + ["b"] * 3 + ["a"] * 3 + ["b"] * 3  # warm-up, then the rounds in turn
     assert set(medians) == {"a", "b"} and all(v >= 0 for v in medians.values())
     n = 64
@@ -133,12 +134,8 @@ def test_interleaved_timing_and_timing_primitives():
 def test_torch_variants_build_and_run():
     """The PyTorch side (skipped where torch is not installed: it is not a dependency of the package)."""
     pytest.importorskip("torch")
-    from mmdiff_jax.data import sources
-
     config = tiny.get_config()
-    src = sources.get_source("digits", "train").arrays
-    local = {"image": src["image"][:16], "label": src["label"][:16]}
-    steps = step_ablations.torch_steps(config, step_ablations.TORCH_VARIANTS, local)
+    steps = step_ablations.torch_steps(config, step_ablations.TORCH_VARIANTS, step_ablations.first_batch(config))
     assert set(steps) == set(step_ablations.TORCH_VARIANTS)
     assert all(np.isfinite(steps[k]()) for k in steps)
     assert step_ablations.time_conv_torch({"input": [4, 8, 8, 16], "out_channels": 8, "stride": 2}, repeats=2) > 0
