@@ -19,6 +19,13 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.source = "digits"  # embedded dataset (mmdiff_jax/data/sources.py)
     c.data.source_kwargs = ml_collections.ConfigDict({"test_fraction": 0.2, "seed": 0})
+    # File sources (folder, imagenet64, array_record; data/sources/): the side of the square images (folder: resize
+    # and centre-crop to it; 0: the data's own), the folder's colour channels (3 RGB, 1 grey), and the input pipeline.
+    c.data.image_size = 0
+    c.data.channels = 3
+    c.data.flip = False  # random horizontal flips (an image and its mask together)
+    c.data.workers = 0  # grain worker processes reading and decoding examples (0: in the training process)
+    c.data.worker_buffer = 8  # batches each worker prepares ahead
     c.data.global_batch_size = 128  # across all devices and processes
     c.data.shuffle_seed = 0
     # A masked copy of data `source` under modality `into` ('' = none): `count` black squares of side `square`,
@@ -29,6 +36,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.channels = (32, 48)  # U-Net width per resolution level
     c.model.blocks_per_level = 1
+    c.model.width = 0  # > 0: model.channels = width x ADM's multipliers for the image side (data/shapes.py)
     c.model.groups = 8  # GroupNorm groups
     c.model.temb_dim = 128
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params, optimizer, loss math stay float32)
@@ -77,6 +85,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict()
     c.eval.tag = ""  # non-empty: write eval_<tag>.json and samples/<tag>/ (compare samplers on one checkpoint)
     c.eval.num_samples = 1000  # jointly generated samples for the metrics
+    c.eval.max_data_examples = 10000  # file sources: a seeded spread of at most this many examples per split
     c.eval.evaluator_steps = 2000  # training steps of the evaluator classifier
     c.eval.knn_k = 3  # k of improved precision/recall
     c.eval.image_to_label_draws = 1  # image -> label accuracy: mean over this many independent reverse processes
@@ -89,3 +98,47 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.eval.head_probe_steps = ()  # steps t in 1..T: label / mask head accuracy on held-out z_t, with and without it
     c.eval.inpainting_counts = ()  # inpaint held-out images with these numbers of squares (data.masking.square)
     return c
+
+
+def use_file_data(c: ml_collections.ConfigDict, preset: str) -> None:
+    """The data, model and budget of the configs for data a user brings (configs/folder_*.py): preset
+    'array_record*' reads prepared shards instead of the folder; '*smoke' is a few CPU steps of a tiny model."""
+    if preset.startswith("array_record"):
+        c.data.source = "array_record"
+        c.data.source_kwargs = ml_collections.ConfigDict({"path": ""})
+    else:
+        c.data.source = "folder"
+        c.data.source_kwargs = ml_collections.ConfigDict({"root": ""})
+    c.data.image_size = 32
+    c.data.channels = 3
+    c.data.flip = True
+    c.data.global_batch_size = 64
+    c.diffusion.bin_width = 2.0 / 255.0  # uint8 images
+    c.model.width = 64
+    c.model.blocks_per_level = 2
+    c.model.temb_dim = 256
+    c.optim.lr = 2e-4
+    c.optim.warmup_steps = 500
+    c.optim.ema_decay = 0.9999
+    c.train.num_steps = 50_000
+    c.train.checkpoint_every = 2000
+    c.eval.evaluator_steps = 2000
+    if preset.endswith("smoke"):
+        c.data.image_size = 16
+        c.data.global_batch_size = 8
+        c.model.width = 8
+        c.model.blocks_per_level = 1
+        c.model.temb_dim = 32
+        c.diffusion.num_steps = 100
+        c.optim.lr = 2e-3
+        c.optim.warmup_steps = 2
+        c.optim.ema_decay = 0.9
+        c.train.num_steps = 4
+        c.train.log_every = 1
+        c.train.checkpoint_every = 2
+        c.sample.num_steps = 5
+        c.sample.batch_size = 16
+        c.eval.num_samples = 16
+        c.eval.evaluator_steps = 20
+        c.eval.elbo_examples = 4
+        c.eval.conditional_examples = 8

@@ -42,9 +42,9 @@ from mmdiff_jax.evaluation import feature_metrics, grids, head_probe, inpainting
 def evaluate(config, workdir: str) -> dict:
     start = time.perf_counter()
     gen = sample_lib.load_generator(config, workdir)
-    kwargs = dict(config.data.source_kwargs)
-    train_src = sources.get_source(config.data.source, "train", **kwargs)
-    test_src = sources.get_source(config.data.source, "test", **kwargs)
+    config = gen.config  # its shapes resolved from the data
+    train_src = sources.for_eval(config, "train", workdir)
+    test_src = sources.for_eval(config, "test", workdir)
     key = jax.random.key(config.sample.seed)
     n = config.eval.num_samples
     tag = config.eval.tag  # '' -> eval.json and samples/; 'x' -> eval_x.json and samples/x/ (e.g. another sampler)
@@ -70,7 +70,8 @@ def evaluate(config, workdir: str) -> dict:
             results.update(_label_metrics(gen, m, key, conditional_src, joint, ev, read, out_dir))
         elif m.kind == "mask":
             results.update(_mask_metrics(gen, m, key, conditional_src, joint))
-        elif m.kind == "vector" and vectors.origin(config, m.name) == vectors.EVALUATOR:
+        elif (m.kind == "vector" and vectors.origin(config, m.name) == vectors.EVALUATOR
+              and m.name not in train_src.arrays):  # not the data's own vectors
             embed = embed or vectors.evaluator_embedding(config, workdir, train_src, test_src)
             results.update(_vector_metrics(config, embed, m, joint))
     if config.eval.inpainting_counts:

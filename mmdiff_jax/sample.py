@@ -15,6 +15,7 @@ from absl import logging
 from flax import nnx
 
 from mmdiff_jax import checkpointing, config_check, objective, parallel, train
+from mmdiff_jax.data import shapes
 from mmdiff_jax.diffusion import samplers
 from mmdiff_jax.errors import UserError
 from mmdiff_jax.evaluation import grids
@@ -29,6 +30,7 @@ class Generator:
     graphdef: Any
     params: Any
     step: int
+    class_names: Sequence[str] | None = None  # label id -> name (workdir/class_names.json), for captions
 
     @functools.cached_property
     def chain(self) -> samplers.SamplingChain:
@@ -127,6 +129,7 @@ class Generator:
 
 def load_generator(config, workdir: str) -> Generator:
     """Restore the latest checkpoint's EMA parameters; a missing checkpoint is a clear error."""
+    config = shapes.resolve(config)
     config_check.validate(config)
     diff = objective.build_diffusion(config)
     graphdef, params = train.create_model(config, diff)
@@ -138,12 +141,14 @@ def load_generator(config, workdir: str) -> Generator:
         raise UserError(f"no checkpoint in {ckpt.directory}: train first (--mode train) with this --workdir.")
     state, _, step = restored
     logging.info("Sampling with the EMA parameters of step %d", step)
-    return Generator(config=config, diff=diff, graphdef=graphdef, params=state.ema_params, step=step)
+    return Generator(config=config, diff=diff, graphdef=graphdef, params=state.ema_params, step=step,
+                     class_names=train.read_class_names(workdir))
 
 
 def sample(config, workdir: str) -> dict[str, str]:
     """Joint samples and, for each auxiliary label modality, label -> image samples; .npz + PNG in workdir/samples."""
     gen = load_generator(config, workdir)
+    config = gen.config
     out_dir = os.path.join(workdir, "samples")
     os.makedirs(out_dir, exist_ok=True)
     key = jax.random.key(config.sample.seed)
@@ -176,7 +181,8 @@ def write_samples(out_dir: str, name: str, data: Mapping[str, np.ndarray], gen: 
         labels = data[label_mods[0].name][:grid_count]
         if sort_grid_by_label:
             order = np.argsort(labels, kind="stable")
-        captions = [str(int(v)) for v in labels[order]]
+        names = gen.class_names
+        captions = [names[int(v)] if names else str(int(v)) for v in labels[order]]
     grids.save_grid(os.path.join(out_dir, f"{name}.png"), images[order], captions)
     for m in mods.aux:
         if m.kind == "mask":  # class ids as grey levels, same order as the images

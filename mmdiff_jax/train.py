@@ -19,7 +19,7 @@ from flax import nnx
 
 from mmdiff_jax import checkpointing, config_check, objective, parallel
 from mmdiff_jax.errors import UserError
-from mmdiff_jax.data import masking, pipeline, sources, vectors
+from mmdiff_jax.data import augment, masking, pipeline, shapes, sources, vectors
 from mmdiff_jax.metrics_writer import MetricWriter
 from mmdiff_jax.models.mt_diffusion import MTDiffusion
 from mmdiff_jax.models.unet import UNetConfig
@@ -191,6 +191,7 @@ def train(config, workdir: str, num_steps: int | None = None) -> TrainState:
       The final TrainState, on the mesh (see `state_shardings`).
     """
     start_time = time.perf_counter()
+    config = shapes.resolve(config)
     config_check.validate(config)
     os.makedirs(workdir, exist_ok=True)
     total_steps = config.train.num_steps
@@ -198,14 +199,19 @@ def train(config, workdir: str, num_steps: int | None = None) -> TrainState:
     diff = objective.build_diffusion(config)
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
     block, num_blocks = parallel.batch_rows(mesh, config.data.global_batch_size)
-    train_source = sources.get_source(config.data.source, "train", **dict(config.data.source_kwargs))
+    train_source = sources.load(config, "train", workdir)
     train_source = vectors.attach_vectors(config, train_source, "train", workdir)
     masked = masking.spec_from_config(config)
     # Arrays no modality uses are never read; a masked image is made from its source on the fly.
     train_source = train_source.select(diff.modalities.names + ([masked.source] if masked else []))
+    random_maps = ([augment.RandomFlip()] if config.data.flip else []) + (
+        [masking.AddMaskedImage(masked)] if masked else [])
     data_iter = pipeline.train_iterator(
         train_source, config.data.global_batch_size, config.data.shuffle_seed, block, num_blocks,
-        random_map=masking.AddMaskedImage(masked) if masked else None)
+        random_map=random_maps, workers=int(config.data.workers), worker_buffer=int(config.data.worker_buffer),
+        image_keys=["image"] + ([masked.source, masked.into] if masked else []))
+    if parallel.is_main_process() and train_source.class_names:
+        write_class_names(workdir, train_source.class_names)
     graphdef, params = create_model(config, diff)
     tx = make_optimizer(config.optim, total_steps)
     state = initial_state(config, params, tx)
@@ -272,6 +278,25 @@ def train(config, workdir: str, num_steps: int | None = None) -> TrainState:
         raise Preempted(f"{preempt.requested} at step {step}: checkpoint saved in {ckpt.directory}; rerun the same "
                         "command to resume.")
     return state
+
+
+CLASS_NAMES = "class_names.json"
+
+
+def write_class_names(workdir: str, names) -> None:
+    """workdir/class_names.json: label id -> name, for captions and reports (written atomically)."""
+    path = os.path.join(workdir, CLASS_NAMES)
+    with open(path + ".tmp", "w") as f:
+        json.dump(list(names), f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def read_class_names(workdir: str) -> list[str] | None:
+    path = os.path.join(workdir, CLASS_NAMES)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def _add_train_time(workdir: str, step: int, seconds: float) -> None:

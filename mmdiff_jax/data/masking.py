@@ -46,8 +46,10 @@ def square_holes(rng: np.random.Generator, num: int, grid: tuple[int, int], squa
 
 
 def apply_holes(images: np.ndarray, holes: np.ndarray) -> np.ndarray:
-    """images [N, H, W, C] with the pixels of holes [N, H, W] set to black."""
-    return np.where(holes[..., None], np.asarray(BLACK, images.dtype), images)
+    """images [N, H, W, C] with the pixels of holes [N, H, W] set to black (-1, or 0 for uint8 storage-form
+    images, which decode to -1)."""
+    black = BLACK if np.issubdtype(images.dtype, np.floating) else 0
+    return np.where(holes[..., None], np.asarray(black, images.dtype), images)
 
 
 def held_out_holes(num: int, grid: tuple[int, int], square: int, count: int, seed: int = 0) -> np.ndarray:

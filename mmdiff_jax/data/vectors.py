@@ -15,12 +15,13 @@ import os
 
 import numpy as np
 
-from mmdiff_jax.data.sources import ArraySource, get_source
+from mmdiff_jax.data import sources
+from mmdiff_jax.data.sources import ArraySource
+from mmdiff_jax.data.standardize import Standardizer
 from mmdiff_jax.errors import UserError
 from mmdiff_jax.evaluation import evaluator as evaluator_lib
 
 EVALUATOR = "evaluator"
-_STD_FLOOR = 1e-3  # a constant feature (e.g. a ReLU that never fires) stays 0 after standardization
 
 
 def vector_modalities(config) -> list[str]:
@@ -30,19 +31,6 @@ def vector_modalities(config) -> list[str]:
 def origin(config, name: str) -> str:
     vectors = config.data.get("vectors", None) or {}
     return str(dict(vectors).get(name, EVALUATOR))
-
-
-@dataclasses.dataclass
-class Standardizer:
-    mean: np.ndarray  # [D]
-    std: np.ndarray  # [D]
-
-    @classmethod
-    def fit(cls, train_vectors: np.ndarray) -> "Standardizer":
-        return cls(train_vectors.mean(0), np.maximum(train_vectors.std(0), _STD_FLOOR))
-
-    def __call__(self, vectors: np.ndarray) -> np.ndarray:
-        return ((vectors - self.mean) / self.std).astype(np.float32)
 
 
 class EvaluatorEmbedding:
@@ -59,9 +47,8 @@ class EvaluatorEmbedding:
 def evaluator_embedding(config, workdir: str, train_src: ArraySource | None = None,
                         test_src: ArraySource | None = None) -> EvaluatorEmbedding:
     """The embedding behind data.vectors.<name> = 'evaluator' (sources loaded here unless given)."""
-    kwargs = dict(config.data.source_kwargs)
-    train_src = train_src or get_source(config.data.source, "train", **kwargs)
-    test_src = test_src or get_source(config.data.source, "test", **kwargs)
+    train_src = train_src or sources.for_eval(config, "train", workdir)
+    test_src = test_src or sources.for_eval(config, "test", workdir)
     try:
         evaluator = evaluator_lib.for_sources(config, workdir, train_src, test_src)
     except UserError as e:
@@ -91,7 +78,15 @@ def _load_npz(path: str, name: str, split: str, length: int, dim: int) -> tuple[
 def attach_vectors(config, source: ArraySource, split: str, workdir: str,
                    embedding: EvaluatorEmbedding | None = None) -> ArraySource:
     """The source plus one array per vector modality it does not already hold, standardized. `embedding`: an
-    evaluator embedding already built (else built here when an 'evaluator' modality needs it)."""
+    evaluator embedding already built (else built here when an 'evaluator' modality needs it). A file source's own
+    vectors (key 'vector') serve the vector modality named 'vector'; its other sources hold no arrays to add to."""
+    missing = [name for name in vector_modalities(config) if name not in source.keys]
+    if not missing:
+        return source
+    if not isinstance(source, ArraySource):
+        raise UserError(f"modalities {missing}: data.source={config.data.source!r} reads its examples lazily and "
+                        "cannot take derived vectors; give the vectors in the data (folder: ROOT/<split>_vectors.npz) "
+                        "and name the vector modality 'vector'.")
     arrays = dict(source.arrays)
     for name in vector_modalities(config):
         if name in arrays:

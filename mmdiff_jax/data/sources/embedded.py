@@ -1,4 +1,4 @@
-"""Random-access data sources, each a deterministic function of its seed: {modality name: array} per example.
+"""The embedded datasets (no downloads), each a deterministic function of its seed, held in memory as float32.
 
 `digits`: scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes, grey levels 0..16), scaled to
 [-1, 1] as x / 8 - 1 (so the 17 levels sit on a grid of spacing 1/8), split once by a seeded stratified permutation
@@ -16,42 +16,14 @@ class of the visible object per pixel (0 background, 1 square, 2 disc, 3 triangl
 
 from __future__ import annotations
 
-import dataclasses
 import gzip
 import os
 import struct
-from typing import Callable
 
 import numpy as np
 
+from mmdiff_jax.data.sources.base import ArraySource
 from mmdiff_jax.errors import UserError
-
-
-@dataclasses.dataclass(frozen=True)
-class ArraySource:
-    """A random-access source over aligned arrays: example i = {key: arrays[key][i]}."""
-
-    arrays: dict[str, np.ndarray]
-    bin_width: float | None = None  # grid spacing of the image data, if discrete
-
-    def __post_init__(self):
-        lengths = {k: len(v) for k, v in self.arrays.items()}
-        if len(set(lengths.values())) != 1:
-            raise ValueError(f"data source arrays differ in length: {lengths}.")
-
-    def __len__(self) -> int:
-        return len(next(iter(self.arrays.values())))
-
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        return {k: v[index] for k, v in self.arrays.items()}
-
-    def select(self, names) -> "ArraySource":
-        """Only the arrays named (those present; a missing one is reported by the batch check)."""
-        return dataclasses.replace(self, arrays={k: v for k, v in self.arrays.items() if k in set(names)})
-
-    def first(self, n: int) -> "ArraySource":
-        """The first n examples (all of them when n >= len(self))."""
-        return dataclasses.replace(self, arrays={k: v[:n] for k, v in self.arrays.items()})
 
 
 def _stratified_test_mask(labels: np.ndarray, test_fraction: float, seed: int) -> np.ndarray:
@@ -169,16 +141,3 @@ def fashion_mnist(split: str, root: str = FASHION_MNIST_DIR) -> ArraySource:
                         "with the four *-ubyte.gz files).")
     images, labels = (_read_idx(p) for p in paths)
     return ArraySource({"image": _bytes_to_unit(images), "label": labels.astype(np.int32)}, bin_width=2.0 / 255.0)
-
-
-SOURCES: dict[str, Callable[..., ArraySource]] = {
-    "digits": digits, "digits_masks": digits_masks, "shapes": shapes, "mnist_5k": mnist_5k,
-    "fashion_mnist": fashion_mnist}
-
-
-def get_source(name: str, split: str, **kwargs) -> ArraySource:
-    if name not in SOURCES:
-        raise UserError(f"data.source: unknown dataset {name!r}; the embedded datasets are {sorted(SOURCES)}.")
-    if split not in ("train", "test"):
-        raise UserError(f"split must be 'train' or 'test', got {split!r}.")
-    return SOURCES[name](split, **kwargs)
