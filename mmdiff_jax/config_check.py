@@ -172,6 +172,12 @@ def validate(config, device_count: int | None = None, process_count: int | None 
     c.choice("data.source", sources.SOURCES)
     batch = c.int_range("data.global_batch_size", 1)
     c.int_range("data.shuffle_seed", 0)
+    if c.get("data.image_size") is not _MISSING:
+        c.int_range("data.image_size", 0)
+        c.choice("data.channels", {1, 3})
+        c.choice("data.flip", {True, False})
+        c.int_range("data.workers", 0)
+        c.int_range("data.worker_buffer", 1)
     vector_sources = c.get("data.vectors")
     if vector_sources not in (_MISSING, None):
         kinds = {n: dict(m).get("kind") for n, m in config.modalities.items()} if "modalities" in config else {}

@@ -21,8 +21,8 @@ from mmdiff_jax.data.sources import array_record, folder, imagenet64
 from mmdiff_jax.data.sources.base import npz_array_shape
 from mmdiff_jax.errors import UserError
 
-# Channel multipliers per level by image side (guided-diffusion's defaults; 8 and 16 for small data): the U-Net goes
-# down to 4x4 (8x8 at 128 and up).
+# Channel multipliers per level by image side (guided-diffusion's defaults from 32 up; 8, 16 and 28 for small data):
+# the U-Net goes down to 4x4 (7x7 at 28), and to 8x8 from 64 up.
 CHANNEL_MULTS = {8: (1, 2), 16: (1, 2, 2), 28: (1, 2), 32: (1, 2, 2, 2), 64: (1, 2, 3, 4), 128: (1, 1, 2, 3, 4),
                  256: (1, 1, 2, 2, 4, 4)}
 

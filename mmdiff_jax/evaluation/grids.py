@@ -19,7 +19,8 @@ def save_grid(path: str, images: np.ndarray, captions: Sequence[str] | None = No
     rows = math.ceil(n / columns)
     cap_h = 12 if captions is not None else 0
     cell_w, cell_h = w * scale + 4, h * scale + 4 + cap_h
-    canvas = Image.new("L" if c == 1 else "RGB", (columns * cell_w, rows * cell_h), color=40)
+    background = 40 if c == 1 else (40, 40, 40)
+    canvas = Image.new("L" if c == 1 else "RGB", (columns * cell_w, rows * cell_h), color=background)
     draw = ImageDraw.Draw(canvas)
     for i in range(n):
         tile = images[i, ..., 0] if c == 1 else images[i]

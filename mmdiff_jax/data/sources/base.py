@@ -33,7 +33,7 @@ def decode(example: dict[str, np.ndarray], image_keys: Sequence[str] = IMAGE_KEY
     for key, value in example.items():
         value = np.asarray(value)
         if value.dtype == np.uint8 and key in image_keys:
-            value = value.astype(np.float32) * np.float32(1.0 / 127.5) - np.float32(1.0)
+            value = value.astype(np.float32) / np.float32(127.5) - np.float32(1.0)  # as the embedded uint8 sets
         elif value.dtype == np.uint8 and key in MASK_KEYS:
             value = value.astype(np.int32)
         out[key] = value
