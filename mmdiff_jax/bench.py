@@ -9,7 +9,8 @@ all (compile time, median step time, samples/s, FLOPs per step from XLA's cost a
 CPU device, MFU = achieved FLOP/s / measured peak); the `lax.scan` sampler against a Python loop over the same
 jitted step; and `q_sample` at t = 1 vs t = T (XLA flops and time). `--torch` adds the PyTorch reference of the same
 step (on CUDA when JAX runs on a GPU), `--profile` the multi-device step's time by op kind, `--noxla_cpu_tuned`
-times XLA's CPU defaults.
+times XLA's CPU defaults. The input pipeline (`--nodata` skips it): images/s delivered, decoded and batched, by an
+image folder of JPEGs and by its ArrayRecord shards, in-process and with 2 grain workers.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ _XLA_CPU_TUNED = flags.DEFINE_bool("xla_cpu_tuned", True, "As in main: the XLA C
 _PROFILE = flags.DEFINE_bool("profile", False, "Also trace the multi-device train step and report its time by op "
                              "kind (mmdiff_jax/step_profile.py).")
 _STEPS = flags.DEFINE_integer("steps", 30, "Timed train steps.")
+_DATA = flags.DEFINE_bool("data", True, "Also time the input pipeline: a folder of 64x64 JPEGs and its ArrayRecord "
+                          "shards, in-process and with 2 grain workers (--nodata skips it).")
 _TORCH = flags.DEFINE_bool("torch", False, "Also time the PyTorch reference of the same step "
                            "(benchmarks/torch_reference.py; needs `pip install -r benchmarks/requirements.txt`).")
 
@@ -211,6 +214,55 @@ def bench_torch(config, steps: int, jax_step: Callable[[], Any], rounds: int = 5
             "jax_interleaved_step_ms": 1e3 * jax_s, "jax_over_torch": torch_s / jax_s}
 
 
+def write_image_folder(root: str, num: int, side: int = 80, classes: int = 10, seed: int = 0) -> None:
+    """ROOT/{train,test}/<class>/<i>.jpg: `num` smooth random side x side RGB JPEGs (quality 90) in train, a tenth as
+    many in test: photo-like files for the input pipeline's speed."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", num), ("test", max(classes, num // 10))):
+        for i in range(n):
+            folder = os.path.join(root, split, f"class_{i % classes:02d}")
+            os.makedirs(folder, exist_ok=True)
+            coarse = rng.integers(0, 256, (side // 8, side // 8, 3), dtype=np.uint8)
+            Image.fromarray(coarse).resize((side, side), Image.BICUBIC).save(
+                os.path.join(folder, f"{i:06d}.jpg"), quality=90)
+
+
+def _images_per_second(iterator, seconds: float = 4.0) -> float:
+    """Steady-state rate: batches for `seconds` after 2 s of warm-up (worker start-up, prefetch buffers filling)."""
+    for limit in (2.0, seconds):
+        start, n = time.perf_counter(), 0
+        while time.perf_counter() - start < limit:
+            n += len(next(iterator)["image"])
+    return n / (time.perf_counter() - start)
+
+
+def bench_data(num_images: int = 4000, image_size: int = 64, batch: int = 128, seconds: float = 4.0,
+               workers: int = 2) -> dict:
+    """Images per second (decoded, batched, in this process) from the folder source and from its ArrayRecord shards
+    (`prepare`), each in this process and with `workers` grain worker processes; 64x64 RGB by default."""
+    import tempfile
+
+    from mmdiff_jax.data import pipeline, prepare, sources
+
+    results = {"image_size": image_size, "batch": batch, "num_images": num_images, "workers": workers}
+    with tempfile.TemporaryDirectory() as tmp:
+        root, shards = os.path.join(tmp, "folder"), os.path.join(tmp, "shards")
+        write_image_folder(root, num_images, side=image_size + image_size // 4)
+        start = time.perf_counter()
+        prepare.prepare("folder", root, shards, image_size=image_size, splits=("train",))
+        results["prepare_images_per_s"] = num_images / (time.perf_counter() - start)
+        folder_src = sources.get_source("folder", "train", root=root, image_size=image_size)
+        shard_src = sources.get_source("array_record", "train", path=shards)
+        for name, src in (("folder", folder_src), ("array_record", shard_src)):
+            for w in (0, workers):
+                it = pipeline.train_iterator(src, batch, seed=0, workers=w, worker_buffer=8)
+                results[f"{name}_workers_{w}_images_per_s"] = _images_per_second(it, seconds)
+                it.close()
+    return results
+
+
 def main(argv):
     del argv
     import jax
@@ -239,6 +291,8 @@ def main(argv):
         "sampler": bench_sampler(config),
         "q_sample": bench_q_sample(config),
     }
+    if _DATA.value:
+        results["data"] = bench_data()
     if _TORCH.value:
         ref = bench_torch(config, _STEPS.value, jax_step)
         ref["achieved_gflops"] = flops / (ref["step_ms"] / 1e3) / 1e9  # the JAX step's FLOPs: the same network
@@ -265,6 +319,15 @@ def main(argv):
     q = results["q_sample"]
     rows.append(("q_sample t=1 vs t=T", f"{q['t_1']['flops']:.0f} vs {q['t_T']['flops']:.0f} flops, "
                                        f"{q['t_1']['us']:.0f} vs {q['t_T']['us']:.0f} µs"))
+    if "data" in results:
+        d = results["data"]
+        size, w = d["image_size"], d["workers"]
+        for name, label in (("array_record", "ArrayRecord shards"), ("folder", "image folder (JPEG, Pillow)")):
+            rows.append((f"input pipeline, {label}, {size}x{size} RGB, batch {d['batch']}",
+                         f"{d[f'{name}_workers_{w}_images_per_s']:.0f} images/s with {w} grain workers, "
+                         f"{d[f'{name}_workers_0_images_per_s']:.0f} in-process"))
+        rows.append((f"prepare (folder -> shards), {d['num_images']} images", f"{d['prepare_images_per_s']:.0f} "
+                                                                                "images/s"))
     if "torch_reference" in results:
         r = results["torch_reference"]
         where = "CUDA" if r["device"] == "cuda" else f"{r['threads']} threads"

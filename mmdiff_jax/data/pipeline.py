@@ -7,6 +7,10 @@ every P-th, starting at b (a lazy slice of a grain MapDataset: the other rows ar
 thus the same for any process count, so runs on 1 and on P processes are identical for the same seed, and the
 iterator state (the global batch index) restores under any process count.
 
+File-backed sources (folder, array_record) take the same global order and the same cut into rows, computed per
+batch instead of per example (`BatchReader`: a permutation per epoch), since grain's cost per element would exceed
+the cost of reading an ArrayRecord example.
+
 Examples travel in storage form (uint8 images from file sources); each batch is decoded to the model's form in this
 process (`sources.decode`). With `workers > 0`, grain worker processes read, augment and batch (`mp_prefetch`); the
 iterator state then also records the workers' positions, so a resume must use the same `data.workers`.
@@ -14,12 +18,13 @@ iterator state then also records the workers' positions, so a resume must use th
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Sequence
 
 import grain
 import numpy as np
 
-from mmdiff_jax.data.sources.base import IMAGE_KEYS, decode
+from mmdiff_jax.data.sources.base import IMAGE_KEYS, ArraySource, decode
 from mmdiff_jax.errors import UserError
 
 RandomMap = Callable[[dict, np.random.Generator], dict]
@@ -37,6 +42,12 @@ class DecodedIterator:
     def __next__(self) -> dict[str, np.ndarray]:
         return decode(next(self.iterator), self.image_keys)
 
+    def close(self) -> None:
+        """Stop grain's worker processes now (they would otherwise run until garbage collection)."""
+        close = getattr(self.iterator, "close", None)
+        if close is not None:
+            close()
+
     def get_state(self) -> dict:
         return self.iterator.get_state()
 
@@ -46,6 +57,43 @@ class DecodedIterator:
         except (KeyError, ValueError, TypeError, IndexError) as e:
             raise UserError(f"the checkpoint's data position does not fit this input pipeline ({type(e).__name__}: "
                             f"{e}); resume with the data.workers the run was started with.") from None
+
+
+class BatchReader:
+    """Random access to this process's local batches of a file-backed source: local batch k holds the rows
+    [b * B/P, (b+1) * B/P) of global batch k of the stream that concatenates epochs, epoch e being the examples in
+    the order of a permutation seeded by (seed, e). Each random map gets a generator seeded by (seed, the example's
+    position in that stream). Effectively infinite (2**40 batches)."""
+
+    def __init__(self, source, global_batch_size: int, block_index: int, block_count: int, seed: int,
+                 maps: Sequence[RandomMap] = ()):
+        self.source, self.global_batch_size, self.seed, self.maps = source, global_batch_size, seed, tuple(maps)
+        self.local = global_batch_size // block_count
+        self.offset = block_index * self.local
+        self._epochs: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return 1 << 40
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch not in self._epochs:
+            if len(self._epochs) >= 2:
+                self._epochs.pop(min(self._epochs))
+            self._epochs[epoch] = np.random.default_rng([self.seed, epoch]).permutation(len(self.source))
+        return self._epochs[epoch]
+
+    def __getitem__(self, k: int) -> dict[str, np.ndarray]:
+        n = len(self.source)
+        start = int(k) * self.global_batch_size + self.offset
+        positions = range(start, start + self.local)
+        indices = [int(self._permutation(p // n)[p % n]) for p in positions]
+        read_batch = getattr(self.source, "read_batch", None)
+        if read_batch is not None and not self.maps:
+            return read_batch(indices)
+        examples = [self.source[i] for i in indices]
+        for m in self.maps:
+            examples = [m(e, np.random.default_rng([self.seed, p])) for e, p in zip(examples, positions)]
+        return {key: np.stack([e[key] for e in examples]) for key in examples[0]}
 
 
 def train_iterator(source, global_batch_size: int, seed: int, block_index: int = 0, block_count: int = 1,
@@ -64,12 +112,19 @@ def train_iterator(source, global_batch_size: int, seed: int, block_index: int =
     if len(source) < global_batch_size:
         raise UserError(f"data.global_batch_size={global_batch_size} exceeds the {len(source)} training examples.")
     local = global_batch_size // block_count
-    ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(None)
     maps = [] if random_map is None else [random_map] if callable(random_map) else list(random_map)
-    for m in maps:
-        ds = ds.random_map(m)
-    ds = ds.batch(local, drop_remainder=True)[block_index::block_count]
-    it = ds.to_iter_dataset()
+    if isinstance(source, ArraySource):  # in memory: grain shuffles, maps and batches example by example
+        ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(None)
+        for m in maps:
+            ds = ds.random_map(m)
+        ds = ds.batch(local, drop_remainder=True)[block_index::block_count]
+    else:  # file-backed: whole local batches are grain's elements (its per-example cost would dominate)
+        ds = grain.MapDataset.source(BatchReader(source, global_batch_size, block_index, block_count, seed, maps))
+    # grain's default read-ahead (16 threads, 500 elements) suits small examples; for whole batches, each process
+    # reads with as many threads as it has cores, `worker_buffer` batches ahead.
+    read_options = None if isinstance(source, ArraySource) else grain.ReadOptions(
+        num_threads=len(os.sched_getaffinity(0)), prefetch_buffer_size=worker_buffer)
+    it = ds.to_iter_dataset(read_options)
     if workers > 0:
         from absl import flags
 

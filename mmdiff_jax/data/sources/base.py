@@ -25,6 +25,10 @@ IMAGE_KEYS = ("image",)  # storage-form uint8 keys decoded to [-1, 1]
 MASK_KEYS = ("mask",)  # storage-form uint8 keys decoded to int32 class ids
 
 
+# uint8 level -> float32, computed as the embedded uint8 datasets compute it (x / 127.5 - 1 in float32)
+_UNIT_LEVELS = np.arange(256, dtype=np.uint8).astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+
+
 def decode(example: dict[str, np.ndarray], image_keys: Sequence[str] = IMAGE_KEYS) -> dict[str, np.ndarray]:
     """Storage form -> model form, for one example or a batch: uint8 images (the keys `image_keys`, e.g. with a
     masked copy's) -> float32 x / 127.5 - 1 (the grid of spacing 2/255 on [-1, 1]), uint8 masks -> int32; everything
@@ -33,7 +37,7 @@ def decode(example: dict[str, np.ndarray], image_keys: Sequence[str] = IMAGE_KEY
     for key, value in example.items():
         value = np.asarray(value)
         if value.dtype == np.uint8 and key in image_keys:
-            value = value.astype(np.float32) / np.float32(127.5) - np.float32(1.0)  # as the embedded uint8 sets
+            value = _UNIT_LEVELS[value]  # a table look-up: 3x faster than converting and scaling
         elif value.dtype == np.uint8 and key in MASK_KEYS:
             value = value.astype(np.int32)
         out[key] = value
