@@ -6,7 +6,7 @@
 Output: `OUT/{train,test}-NNNNN-of-MMMMM.array_record` (one record per example, its storage-form fields' raw bytes:
 see `sources/array_record.py`) and `OUT/info.json` (counts, field shapes and dtypes, class names, the size and
 SHA-256 of every shard). Examples keep the source's order; training shuffles globally. Shards are written by one
-process per core (fork; no JAX here). The run writes into a temporary folder beside OUT and renames it at the end:
+process per core. The run writes into a temporary folder beside OUT and renames it at the end:
 a failed or interrupted run leaves nothing at OUT, and an existing OUT is never touched.
 """
 
@@ -30,7 +30,11 @@ from mmdiff_jax.progress import Progress
 
 SHARD_BYTES = 64 << 20  # default shard size: about 64 MB of records
 
-_SOURCE = {}  # split -> source, set before the worker processes fork (they inherit it)
+_SOURCE = {}  # split -> source, in each worker process (`_set_sources`)
+
+
+def _set_sources(by_split: dict) -> None:
+    _SOURCE.update(by_split)
 
 
 def _write_shard(path: str, layout: Layout, examples) -> dict:
@@ -139,8 +143,10 @@ def prepare(source: str, root: str, out: str, image_size: int = 0, channels: int
         names = next((plan[3] for plan in plans.values() if plan[3]), None)
         info["class_names"] = list(names) if names else None
         info["bin_width"] = 2.0 / 255.0 if info["fields"][0]["dtype"] == "|u1" else None
-        context = multiprocessing.get_context("fork")
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        # fork is fastest; a caller that has started JAX's threads (a test, a notebook) gets spawn, which is safe
+        context = multiprocessing.get_context("spawn" if "jax" in sys.modules else "fork")
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_set_sources,
+                                                    initargs=(dict(_SOURCE),)) as pool:
             for split, (tasks, _, count, _) in plans.items():
                 progress = Progress(count, f"writing {split} shards")
                 futures = {pool.submit(fn, *args): n for fn, args, n in tasks}

@@ -58,6 +58,10 @@ def describe(config) -> DataShapes | None:
         fields = {f["key"]: tuple(f["shape"]) for f in info["fields"]}
         if "image" not in fields:
             raise UserError(f"{kwargs['path']}: the shards hold no images (fields {sorted(fields)}).")
+        size = int(config.data.image_size)
+        if size and tuple(fields["image"][:2]) != (size, size):
+            raise UserError(f"data.image_size={size}: the shards in {kwargs['path']} hold {fields['image'][0]}x"
+                            f"{fields['image'][1]} images; set it to 0 (or theirs), or prepare them at {size}.")
         names = info.get("class_names")
         return DataShapes(tuple(fields["image"]), len(names) if names else info.get("num_classes"),
                           fields["vector"][0] if "vector" in fields else None)
