@@ -11,12 +11,8 @@ before training). Presets as in folder_image_label.py (`:array_record`, `:smoke`
 
 from mmdiff_jax import config_base
 
-PRESETS = ("", "array_record", "smoke", "array_record_smoke")
-
 
 def get_config(preset: str = ""):
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; use one of {PRESETS}.")
     c = config_base.get_base_config()
     c.latent_shape = None  # from the data
     c.modalities.image = dict(kind="image", shape=None)

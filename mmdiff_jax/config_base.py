@@ -100,16 +100,22 @@ def get_base_config() -> ml_collections.ConfigDict:
     return c
 
 
+FILE_DATA_PRESETS = ("", "array_record", "smoke", "array_record_smoke")
+
+
 def use_file_data(c: ml_collections.ConfigDict, preset: str) -> None:
     """The data, model and budget of the configs for data a user brings (configs/folder_*.py): preset
     'array_record*' reads prepared shards instead of the folder; '*smoke' is a few CPU steps of a tiny model."""
+    if preset not in FILE_DATA_PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; use one of {FILE_DATA_PRESETS}.")
+    c.data.image_size = 32
     if preset.startswith("array_record"):
         c.data.source = "array_record"
         c.data.source_kwargs = ml_collections.ConfigDict({"path": ""})
+        c.data.image_size = 0  # the shards' own size
     else:
         c.data.source = "folder"
         c.data.source_kwargs = ml_collections.ConfigDict({"root": ""})
-    c.data.image_size = 32
     c.data.channels = 3
     c.data.flip = True
     c.data.global_batch_size = 64
@@ -124,7 +130,7 @@ def use_file_data(c: ml_collections.ConfigDict, preset: str) -> None:
     c.train.checkpoint_every = 2000
     c.eval.evaluator_steps = 2000
     if preset.endswith("smoke"):
-        c.data.image_size = 16
+        c.data.image_size = c.data.image_size and 16
         c.data.global_batch_size = 8
         c.model.width = 8
         c.model.blocks_per_level = 1

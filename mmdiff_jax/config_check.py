@@ -284,6 +284,10 @@ def validate(config, device_count: int | None = None, process_count: int | None 
     knn = c.int_range("eval.knn_k", 1)
     c.int_range("eval.num_samples", (knn or 1) + 1)
     c.int_range("eval.evaluator_steps", 1)
+    if c.get("eval.max_data_examples") is not _MISSING:
+        c.int_range("eval.max_data_examples", 0)
+    if c.get("model.width") is not _MISSING:
+        c.int_range("model.width", 0)
     if not c.problems:  # the schedule's own checks (prior mismatch) need sound fields
         try:
             objective.build_diffusion(config)

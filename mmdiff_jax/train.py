@@ -200,6 +200,8 @@ def train(config, workdir: str, num_steps: int | None = None) -> TrainState:
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
     block, num_blocks = parallel.batch_rows(mesh, config.data.global_batch_size)
     train_source = sources.load(config, "train", workdir)
+    if config.data.source in ("folder", "array_record"):  # the held-out files too, before any step (cached)
+        sources.load(config, "test", workdir)
     train_source = vectors.attach_vectors(config, train_source, "train", workdir)
     masked = masking.spec_from_config(config)
     # Arrays no modality uses are never read; a masked image is made from its source on the fly.

@@ -151,9 +151,9 @@ def verify(path: str, split: str, info: dict, cache_dir: str | None = None) -> N
             raise DataError(f"{shard}: {count} records, {INFO} says {s['count']}; {fix}.")
     if marker:
         os.makedirs(cache_dir, exist_ok=True)
-        with open(marker + ".tmp", "w") as f:
+        with open(f"{marker}.{os.getpid()}.tmp", "w") as f:
             f.write(f"{len(shards)} shards\n")
-        os.replace(marker + ".tmp", marker)
+        os.replace(f"{marker}.{os.getpid()}.tmp", marker)
 
 
 class ArrayRecordSource:

@@ -255,9 +255,9 @@ def check(listing: Listing, mask_classes: int | None = None, cache_dir: str | No
         raise DataError(problems[0] + more)
     if marker:
         os.makedirs(cache_dir, exist_ok=True)
-        with open(marker + ".tmp", "w") as f:
+        with open(f"{marker}.{os.getpid()}.tmp", "w") as f:
             f.write(f"{len(listing.paths)} files\n")
-        os.replace(marker + ".tmp", marker)
+        os.replace(f"{marker}.{os.getpid()}.tmp", marker)
 
 
 @dataclasses.dataclass(frozen=True)
