@@ -147,4 +147,4 @@ def use_file_data(c: ml_collections.ConfigDict, preset: str) -> None:
         c.eval.num_samples = 16
         c.eval.evaluator_steps = 20
         c.eval.elbo_examples = 4
-        c.eval.conditional_examples = 8
+        c.eval.conditional_examples = 16  # = the sample batch: one compiled sampler for every metric

@@ -40,7 +40,8 @@ def _mask_of(image: np.ndarray) -> np.ndarray:
 
 
 def write_folder(root: str, seed: int = 0, per_class: int = 4, masks: bool = True, vectors: bool = True) -> dict:
-    """ROOT/{train,test}/<class>/ of PNG and JPEG images of mixed sizes (2x, exact, wider), masks and vectors.
+    """ROOT/{train,test}/<class>/ of PNG (RGB and grey) and JPEG images of mixed sizes (2x, exact, wider), masks
+    and vectors.
     Returns {split: [relative paths]}."""
     rng = np.random.default_rng(seed)
     sizes = [(2 * SIZE, 2 * SIZE + 8), (SIZE, SIZE + 4), (2 * SIZE + 4, 2 * SIZE), (SIZE + 6, SIZE)]
@@ -53,7 +54,11 @@ def write_folder(root: str, seed: int = 0, per_class: int = 4, masks: bool = Tru
                 image = _blocky(rng, h, w)
                 ext = "jpg" if i == per_class - 1 else "png"
                 rel = f"{cls}/{i:02d}.{ext}"
-                _save(os.path.join(root, split, rel), image)
+                if i == 1:  # a grey file (mode L): RGB conversion repeats its channel
+                    image = np.repeat(image[..., :1], 3, axis=-1)
+                    _save(os.path.join(root, split, rel), image[..., 0])
+                else:
+                    _save(os.path.join(root, split, rel), image)
                 if masks:
                     _save(os.path.join(root, f"{split}_masks", cls, f"{i:02d}.png"), _mask_of(image))
                 listing[split].append(rel)
@@ -101,6 +106,12 @@ def _expected_pixels(path: str, channels: int = 3) -> np.ndarray:
 
 
 def test_pixels_match_the_numpy_reference(data_root):
+    listing = _folder(data_root).listing
+    modes = set()
+    for i, rel in enumerate(listing.paths):
+        with Image.open(listing.image_path(i)) as img:
+            modes.add((img.format, img.mode))
+    assert {("PNG", "RGB"), ("PNG", "L"), ("JPEG", "RGB")} <= modes
     for channels in (3, 1):
         src = _folder(data_root, channels=channels)
         for i in range(len(src)):
