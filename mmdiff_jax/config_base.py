@@ -34,12 +34,19 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.data.vectors = ml_collections.ConfigDict()  # vector modality name -> "evaluator" | path of an .npz (data/vectors.py)
 
     c.model = ml_collections.ConfigDict()
+    c.model.backbone = "unet"  # unet (the small U-Net, models/unet.py) | adm (Dhariwal & Nichol's, models/adm.py)
     c.model.channels = (32, 48)  # U-Net width per resolution level
     c.model.blocks_per_level = 1
     c.model.width = 0  # > 0: model.channels = width x ADM's multipliers for the image side (data/shapes.py)
     c.model.groups = 8  # GroupNorm groups
     c.model.temb_dim = 128
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params, optimizer, loss math stay float32)
+    # adm only: attention at these resolutions (pixels per side), its head width, AdaGN, BigGAN up/down, dropout
+    c.model.attention_resolutions = (32, 16, 8)
+    c.model.num_head_channels = 64
+    c.model.scale_shift_norm = True
+    c.model.resblock_updown = True
+    c.model.dropout = 0.0
     c.model.remat = False  # gradient checkpointing per U-Net ResBlock (memory for FLOPs; same numbers)
 
     c.diffusion = ml_collections.ConfigDict()

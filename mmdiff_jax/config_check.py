@@ -229,6 +229,24 @@ def validate(config, device_count: int | None = None, process_count: int | None 
     if temb is not None and temb % 2:
         c.problems.append(f"model.temb_dim: must be even (sin/cos pairs), got {temb}.")
     c.int_range("model.blocks_per_level", 1)
+    if c.choice("model.backbone", {"unet", "adm"}) == "adm":
+        heads = c.int_range("model.num_head_channels", 1)
+        c.number_range("model.dropout", 0.0, 1.0, high_open=True)
+        for field in ("scale_shift_norm", "resblock_updown"):
+            c.choice(f"model.{field}", {True, False})
+        resolutions = c.get("model.attention_resolutions")
+        if not (isinstance(resolutions, (tuple, list)) and all(_is_int(r) and r > 0 for r in resolutions)):
+            c.problems.append(f"model.attention_resolutions: must be a tuple of positive side lengths (pixels), "
+                              f"got {resolutions!r}.")
+        elif latent is not None and isinstance(channels, (tuple, list)) and heads:
+            sides = {latent[0] // 2 ** level: w for level, w in enumerate(channels)}
+            if channels[-1] % heads:  # the middle block always attends
+                c.problems.append(f"model.num_head_channels={heads}: the middle block's attention is "
+                                  f"{channels[-1]} channels wide, not a multiple; change one of them.")
+            for r in resolutions:
+                if r in sides and sides[r] % heads:
+                    c.problems.append(f"model.num_head_channels={heads}: the attention at {r}x{r} is "
+                                      f"{sides[r]} channels wide, not a multiple; change one of them.")
     c.choice("model.dtype", {"float32", "bfloat16"})
     # diffusion
     steps = c.int_range("diffusion.num_steps", 1)

@@ -22,6 +22,7 @@ from mmdiff_jax.errors import UserError
 from mmdiff_jax.data import augment, masking, pipeline, shapes, sources, vectors
 from mmdiff_jax.metrics_writer import MetricWriter
 from mmdiff_jax.models.mt_diffusion import MTDiffusion
+from mmdiff_jax.models.adm import ADMConfig
 from mmdiff_jax.models.unet import UNetConfig
 
 
@@ -43,8 +44,17 @@ class NonFiniteError(UserError):
     """Too many consecutive non-finite steps."""
 
 
-def unet_config(config) -> UNetConfig:
+def backbone_config(config) -> UNetConfig | ADMConfig:
+    """The denoiser `model.backbone` names: 'unet' (the small U-Net) or 'adm' (models/adm.py)."""
     m = config.model
+    if m.get("backbone", "unet") == "adm":
+        return ADMConfig(
+            image_size=int(config.latent_shape[0]), latent_channels=config.latent_shape[-1],
+            channels=tuple(m.channels), blocks_per_level=m.blocks_per_level,
+            attention_resolutions=tuple(m.attention_resolutions), num_head_channels=m.num_head_channels,
+            groups=m.groups, temb_dim=m.temb_dim, scale_shift_norm=bool(m.scale_shift_norm),
+            resblock_updown=bool(m.resblock_updown), dropout=float(m.dropout), dtype=m.dtype,
+            remat=bool(m.get("remat", False)))
     return UNetConfig(
         latent_channels=config.latent_shape[-1], channels=tuple(m.channels), blocks_per_level=m.blocks_per_level,
         groups=m.groups, temb_dim=m.temb_dim, dtype=m.dtype, remat=bool(m.get("remat", False)),
@@ -53,7 +63,7 @@ def unet_config(config) -> UNetConfig:
 
 def create_model(config, diff: objective.Diffusion) -> tuple[nnx.GraphDef, Any]:
     """The composed model, split into (graphdef, params). Everything in it is a Param (no mutable state)."""
-    model = MTDiffusion(unet_config(config), diff.modalities, rngs=nnx.Rngs(config.seed))
+    model = MTDiffusion(backbone_config(config), diff.modalities, rngs=nnx.Rngs(config.seed))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     if jax.tree.leaves(rest):
         raise TypeError("the model holds non-Param state; mmdiff_jax models must be stateless apart from params.")

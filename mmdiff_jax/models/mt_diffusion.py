@@ -7,7 +7,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mmdiff_jax.modalities import ModalitySet
+from mmdiff_jax.models.adm import ADM, ADMConfig
 from mmdiff_jax.models.unet import UNet, UNetConfig
+
+BACKBONES = {UNetConfig: UNet, ADMConfig: ADM}  # config type -> denoiser (model.backbone: 'unet' | 'adm')
 
 
 class MTDiffusion(nnx.Module):
@@ -17,8 +20,9 @@ class MTDiffusion(nnx.Module):
     a linear map of the presence mask, zero at initialization, is added to the time embedding. Without dropout
     the model has no such map and ignores `present`."""
 
-    def __init__(self, backbone: UNetConfig, modalities: ModalitySet, *, rngs: nnx.Rngs):
-        self.backbone = UNet(backbone, rngs=rngs)
+    def __init__(self, backbone: UNetConfig | ADMConfig, modalities: ModalitySet, *, rngs: nnx.Rngs):
+        self.backbone = BACKBONES[type(backbone)](backbone, rngs=rngs)
+        self.takes_dropout_key = isinstance(backbone, ADMConfig)
         self.heads = nnx.Dict({
             m.name: m.make_head(self.backbone.feature_dim, backbone.channels[0], backbone.temb_dim, rngs)
             for m in modalities.aux
@@ -28,12 +32,16 @@ class MTDiffusion(nnx.Module):
             nnx.Linear(self.num_aux, backbone.temb_dim, rngs=rngs, kernel_init=nnx.initializers.zeros_init())
             if modalities.conditions_on_presence else None)
 
-    def __call__(self, zt: jax.Array, t: jax.Array, present: jax.Array | None = None
-                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def __call__(self, zt: jax.Array, t: jax.Array, present: jax.Array | None = None,
+                 dropout_key: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """`dropout_key`: the backbone's dropout in training (ignored by a backbone without dropout)."""
         extra = None
         if self.presence is not None:
             if present is None:
                 present = jnp.ones((zt.shape[0], self.num_aux), jnp.float32)
             extra = self.presence(present.astype(jnp.float32))  # [B, temb_dim]
-        eps_hat, feats = self.backbone(zt, t, extra)
+        if self.takes_dropout_key:
+            eps_hat, feats = self.backbone(zt, t, extra, dropout_key)
+        else:
+            eps_hat, feats = self.backbone(zt, t, extra)
         return eps_hat, {name: head(feats) for name, head in self.heads.items()}
