@@ -15,9 +15,11 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, samples and eval results.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"],
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample", "summary"],
                           "train: train (resume if possible), then eval; eval: metrics of the latest checkpoint plus "
-                          "the samples behind them (.npz + PNG); sample: a small set of .npz + PNG samples only.")
+                          "the samples behind them (.npz + PNG); sample: a small set of .npz + PNG samples only; "
+                          "summary: parameters, FLOPs per example and memory per device of the train step, from "
+                          "abstract shapes (nothing allocated), to workdir/summary.json.")
 _EVAL_AFTER_TRAIN = flags.DEFINE_bool("eval_after_train", True,
                                       "In --mode train, evaluate (and write samples) when done.")
 _CPU_DEVICES = flags.DEFINE_integer(
@@ -60,7 +62,7 @@ def main(argv):
     backend_note = cpu_backend.configure(_CPU_DEVICES.value, _XLA_CPU_TUNED.value)
     cache_note = compilation_cache.configure(_COMPILATION_CACHE_DIR.value)
 
-    from mmdiff_jax import evaluate, parallel, sample, train
+    from mmdiff_jax import evaluate, parallel, sample, summary, train
     from mmdiff_jax.errors import UserError
 
     try:
@@ -81,6 +83,8 @@ def main(argv):
                 evaluate.evaluate(config, workdir)
         elif _MODE.value == "eval":
             evaluate.evaluate(config, workdir)
+        elif _MODE.value == "summary":
+            summary.summary(config, workdir)
         else:
             sample.sample(config, workdir)
     except train.Preempted as e:

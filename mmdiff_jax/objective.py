@@ -86,7 +86,10 @@ def compute_loss(model, diff: Diffusion, batch: Mapping[str, jax.Array], key: ja
         present = present.astype(jnp.float32)
         enc = enc * _per_modality(present, enc)  # a dropped modality does not drive the forward process
     zt = process.q_sample(diff.sched, t, z0, enc, eps)
-    eps_hat, head_outs = model(zt, t, present, dropout_key=jax.random.fold_in(key, 3))
+    if getattr(model, "takes_dropout_key", False):  # a backbone with dropout (ADM) draws it from the step's key
+        eps_hat, head_outs = model(zt, t, present, dropout_key=jax.random.fold_in(key, 3))
+    else:
+        eps_hat, head_outs = model(zt, t, present)
     enc_hat = mods.expected_encodings(head_outs, batch_size)
     aux_nll = mods.nlls(head_outs, batch, batch_size)
     trained = jnp.ones_like(aux_nll)  # [B, N]: the examples each head is trained on
