@@ -108,3 +108,26 @@ def test_a_few_training_steps_with_the_adm_backbone(tmp_path):
     state = jax.device_get(train.train(c, str(tmp_path)))
     assert int(state.step) == 3 and int(state.skipped) == 0
     assert "backbone" in state.params and "mid_attn" in state.params["backbone"]
+
+
+def test_attention_sits_at_exactly_the_configured_resolutions():
+    cfg = adm.ADMConfig(image_size=16, latent_channels=3, channels=(8, 16, 16), blocks_per_level=2,
+                        attention_resolutions=(8,), num_head_channels=8, groups=4, temb_dim=16)
+    model = nnx.eval_shape(lambda: adm.ADM(cfg, rngs=nnx.Rngs(0)))
+    side, down_attn = 16, []
+    for block in model.down:  # two blocks per level, then a downsampling block (not after the last level)
+        down_attn.append((side, block.attn is not None))
+        if block.resample is not None:
+            side //= 2
+    assert down_attn == [(16, False), (16, False), (16, False), (8, True), (8, True), (8, False), (4, False),
+                         (4, False)]
+    up_attn = []
+    for block in model.up:  # three blocks per level, the last one of a level upsamples
+        up_attn.append((side, block.attn is not None))
+        if block.resample is not None:
+            side *= 2
+    assert up_attn == [(4, False)] * 3 + [(8, True)] * 3 + [(16, False)] * 3
+    assert model.mid_attn is not None  # the middle always attends
+    # up/down-sampling ResBlocks change the side by 2; AdaGN projects the time embedding to 2 x width
+    down = [b.resample for b in model.down if b.resample is not None]
+    assert [d.resample for d in down] == ["down", "down"] and down[0].emb.out_features == 2 * 8
