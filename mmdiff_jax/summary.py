@@ -113,8 +113,9 @@ def summary(config, workdir: str) -> dict:
     lines.append(f"train step: {result['flops_per_example'] / 1e9:.2f} GFLOP per example, "
                  f"{result['flops_per_step'] / 1e12:.2f} TFLOP per step of {result['global_batch_size']}")
     if mem:
+        gib = {k: v / 2**30 for k, v in mem.items()}
         lines.append(f"memory per device ({result['devices']} {result['platform']} device(s)): "
-                     f"{mem['peak_estimate_bytes'] / 2**30:.2f} GiB (arguments {mem['argument_size_in_bytes'] / 2**30:.2f}, "
-                     f"temporaries {mem['temp_size_in_bytes'] / 2**30:.2f})")
+                     f"{gib['peak_estimate_bytes']:.2f} GiB (arguments {gib['argument_size_in_bytes']:.2f}, "
+                     f"temporaries {gib['temp_size_in_bytes']:.2f})")
     print("\n".join(lines))
     return result

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from mmdiff_jax.data import augment, pipeline, prepare, shapes, sources
-from mmdiff_jax.data.sources import array_record, folder, imagenet64
+from mmdiff_jax.data.sources import array_record, folder
 from mmdiff_jax.data.sources.base import DataError, decode
 from mmdiff_jax.errors import UserError
 from tests import pillow_reference as ref

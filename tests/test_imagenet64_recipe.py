@@ -76,7 +76,8 @@ def test_smoke_recipe_under_fsdp_equals_data_parallel(shards, tmp_path):
     kernel = jax.tree.leaves(fsdp.params["backbone"]["mid1"]["conv1"]["kernel"])[0]  # [3, 3, 32, 32]
     assert kernel.sharding.spec[-1] == "fsdp" and kernel.addressable_shards[0].data.shape == (3, 3, 32, 4)
     assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(dp.params))
-    logs = [[json.loads(line) for line in open(os.path.join(str(tmp_path / w), "metrics.jsonl"))] for w in ("dp", "fsdp")]
+    logs = [[json.loads(line) for line in open(os.path.join(str(tmp_path / w), "metrics.jsonl"))]
+            for w in ("dp", "fsdp")]
     assert [m["step"] for m in logs[0]] == [m["step"] for m in logs[1]] == [1, 2]
     for a, b in zip(*logs):
         for key in ("loss/total", "loss/l0", "loss/l2", "grad_norm"):

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from mmdiff_jax.data import sources
 from mmdiff_jax.data.sources import array_record, folder, imagenet64
 from mmdiff_jax.data.sources.base import npz_array_shape
 from mmdiff_jax.errors import UserError

@@ -243,10 +243,12 @@ def check(listing: Listing, mask_classes: int | None = None, cache_dir: str | No
     progress = Progress(len(listing.paths), f"checking {listing.image_dir}")
     problems = []
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        chunk = 64
-        starts = range(0, len(listing.paths), chunk)
-        run = lambda s: [_check_one(listing, i, mask_classes) for i in range(s, min(s + chunk, len(listing.paths)))]  # noqa: E731
-        for result in pool.map(run, starts):
+        chunk, n = 64, len(listing.paths)
+
+        def run(start: int) -> list[str | None]:
+            return [_check_one(listing, i, mask_classes) for i in range(start, min(start + chunk, n))]
+
+        for result in pool.map(run, range(0, n, chunk)):
             problems += [p for p in result if p]
             progress.update(len(result))
     progress.close()
