@@ -155,3 +155,67 @@ def use_file_data(c: ml_collections.ConfigDict, preset: str) -> None:
         c.eval.evaluator_steps = 20
         c.eval.elbo_examples = 4
         c.eval.conditional_examples = 16  # = the sample batch: one compiled sampler for every metric
+
+
+IMAGENET64_PRESETS = ("", "smoke")
+
+
+def use_imagenet64_recipe(c: ml_collections.ConfigDict, preset: str) -> None:
+    """The ImageNet-64 data, ADM backbone and ADM's recipe shared by configs/imagenet64_*.py (their docstrings say
+    what it is); '' the article's size, 'smoke' a few CPU steps at 16x16 (tests)."""
+    if preset not in IMAGENET64_PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; use one of {IMAGENET64_PRESETS}.")
+    c.data.source = "array_record"
+    c.data.source_kwargs = ml_collections.ConfigDict({"path": ""})
+    c.data.image_size = 0
+    c.data.flip = False
+    c.data.global_batch_size = 2048
+    c.data.workers = 2
+    c.diffusion.num_steps = 1000
+    c.diffusion.beta_schedule = "cosine"
+    c.diffusion.bin_width = 2.0 / 255.0
+    c.model.backbone = "adm"
+    c.model.channels = (192, 384, 576, 768)
+    c.model.blocks_per_level = 3
+    c.model.attention_resolutions = (32, 16, 8)
+    c.model.num_head_channels = 64
+    c.model.groups = 32
+    c.model.temb_dim = 768
+    c.model.scale_shift_norm = True
+    c.model.resblock_updown = True
+    c.model.dropout = 0.1
+    c.model.dtype = "bfloat16"
+    c.optim.lr = 3e-4
+    c.optim.warmup_steps = 0
+    c.optim.final_lr_fraction = 1.0  # constant
+    c.optim.b2 = 0.999
+    c.optim.ema_decay = 0.9999
+    c.train.num_steps = 540_000
+    c.train.log_every = 100
+    c.train.checkpoint_every = 5000
+    c.sample.batch_size = 256
+    c.eval.num_samples = 10_000
+    c.eval.evaluator_steps = 5000
+    c.eval.conditional_examples = 2000
+    if preset == "smoke":
+        c.latent_shape = (16, 16, 3)
+        c.modalities.image = dict(kind="image", shape=(16, 16, 3))
+        c.data.global_batch_size = 8
+        c.data.workers = 0
+        c.diffusion.num_steps = 100
+        c.sample.num_steps = 10
+        c.sample.batch_size = 16
+        c.eval.num_samples = 16
+        c.eval.conditional_examples = 8
+        c.eval.evaluator_steps = 20
+        c.model.channels = (16, 32)
+        c.model.blocks_per_level = 1
+        c.model.attention_resolutions = (8,)
+        c.model.num_head_channels = 8
+        c.model.groups = 8
+        c.model.temb_dim = 64
+        c.model.dtype = "float32"
+        c.optim.lr = 1e-3
+        c.train.num_steps = 3
+        c.train.log_every = 1
+        c.train.checkpoint_every = 3

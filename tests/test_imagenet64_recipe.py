@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import imagenet64_image_label
+from configs import imagenet64_image_label, imagenet64_image_only
 from mmdiff_jax import objective, summary, train
 from mmdiff_jax.models.mt_diffusion import MTDiffusion
 from mmdiff_jax.data import prepare
@@ -55,12 +55,16 @@ def test_summary_counts_flops_and_memory_without_allocating(shards, tmp_path):
     assert result["latent_shape"] == [16, 16, 3] and result["devices"] == jax.device_count()
 
 
-def test_full_config_has_the_adm_imagenet64_backbone():
-    """The ImageNet-64 config, with no data anywhere, built abstractly: ADM's 295,131,267 backbone parameters."""
-    config = imagenet64_image_label.get_config()
+@pytest.mark.parametrize("module", [imagenet64_image_label, imagenet64_image_only])
+def test_full_configs_have_the_adm_imagenet64_backbone(module):
+    """The ImageNet-64 configs (joint, and the unconditional ADM baseline), with no data anywhere, built abstractly:
+    ADM's 295,131,267 backbone parameters; the baseline has nothing else."""
+    config = module.get_config()
     diff = objective.build_diffusion(config)
     model = nnx.eval_shape(lambda: MTDiffusion(train.backbone_config(config), diff.modalities, rngs=nnx.Rngs(0)))
     assert sum(x.size for x in jax.tree.leaves(nnx.state(model.backbone, nnx.Param))) == 295_131_267
+    total = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert (total == 295_131_267) == (module is imagenet64_image_only)
 
 
 def test_smoke_recipe_under_fsdp_equals_data_parallel(shards, tmp_path):
