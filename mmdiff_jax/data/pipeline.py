@@ -117,14 +117,13 @@ def train_iterator(source, global_batch_size: int, seed: int, block_index: int =
         ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(None)
         for m in maps:
             ds = ds.random_map(m)
-        ds = ds.batch(local, drop_remainder=True)[block_index::block_count]
+        it = ds.batch(local, drop_remainder=True)[block_index::block_count].to_iter_dataset()
     else:  # file-backed: whole local batches are grain's elements (its per-example cost would dominate)
         ds = grain.MapDataset.source(BatchReader(source, global_batch_size, block_index, block_count, seed, maps))
-    # grain's default read-ahead (16 threads, 500 elements) suits small examples; for whole batches, each process
-    # reads with as many threads as it has cores, `worker_buffer` batches ahead.
-    read_options = None if isinstance(source, ArraySource) else grain.ReadOptions(
-        num_threads=len(os.sched_getaffinity(0)), prefetch_buffer_size=worker_buffer)
-    it = ds.to_iter_dataset(read_options)
+        # grain's default read-ahead (16 threads, 500 elements) suits small examples; for whole batches, each process
+        # reads with as many threads as it has cores, `worker_buffer` batches ahead.
+        it = ds.to_iter_dataset(grain.ReadOptions(num_threads=len(os.sched_getaffinity(0)),
+                                                  prefetch_buffer_size=worker_buffer))
     if workers > 0:
         from absl import flags
 

@@ -22,6 +22,7 @@ class MTDiffusion(nnx.Module):
 
     def __init__(self, backbone: UNetConfig | ADMConfig, modalities: ModalitySet, *, rngs: nnx.Rngs):
         self.backbone = BACKBONES[type(backbone)](backbone, rngs=rngs)
+        # the loss draws a dropout key only for a backbone with dropout, so other models' programs stay as they were
         self.takes_dropout_key = isinstance(backbone, ADMConfig)
         self.heads = nnx.Dict({
             m.name: m.make_head(self.backbone.feature_dim, backbone.channels[0], backbone.temb_dim, rngs)
@@ -40,8 +41,5 @@ class MTDiffusion(nnx.Module):
             if present is None:
                 present = jnp.ones((zt.shape[0], self.num_aux), jnp.float32)
             extra = self.presence(present.astype(jnp.float32))  # [B, temb_dim]
-        if self.takes_dropout_key:
-            eps_hat, feats = self.backbone(zt, t, extra, dropout_key)
-        else:
-            eps_hat, feats = self.backbone(zt, t, extra)
+        eps_hat, feats = self.backbone(zt, t, extra, dropout_key)
         return eps_hat, {name: head(feats) for name, head in self.heads.items()}

@@ -66,9 +66,10 @@ class UNet(nnx.Module):
                                  kernel_init=nnx.initializers.zeros_init())
         self.feature_dim = cfg.channels[-1] + cfg.channels[0]
 
-    def __call__(self, zt: jax.Array, t: jax.Array, extra_temb: jax.Array | None = None
-                 ) -> tuple[jax.Array, Features]:
-        """zt [B, H, W, C], t [B], extra_temb [B, temb_dim] added to the time embedding (or None)."""
+    def __call__(self, zt: jax.Array, t: jax.Array, extra_temb: jax.Array | None = None,
+                 dropout_key: jax.Array | None = None) -> tuple[jax.Array, Features]:
+        """zt [B, H, W, C], t [B], extra_temb [B, temb_dim] added to the time embedding (or None). This U-Net has no
+        dropout: `dropout_key` is accepted (the backbones' common signature) and unused."""
         dtype = jnp.dtype(self.cfg.dtype)
         res = nnx.remat(_res_block) if self.cfg.remat else _res_block
         temb = self.time(t.astype(jnp.float32))

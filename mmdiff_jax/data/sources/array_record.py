@@ -21,7 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-from mmdiff_jax.data.sources.base import DataError
+from mmdiff_jax.data.sources.base import DataError, pass_marker, remember_pass
 
 INFO = "info.json"
 FORMAT = "mmdiff_jax.array_record.v1"
@@ -124,11 +124,9 @@ def verify(path: str, split: str, info: dict, cache_dir: str | None = None) -> N
     if split not in info["splits"]:
         raise DataError(f"{os.path.join(path, INFO)}: no split {split!r} (it has {sorted(info['splits'])}).")
     shards = info["splits"][split]["shards"]
-    marker = None
-    if cache_dir:
-        marker = os.path.join(cache_dir, f"array_record_check_{split}_{_verify_key(path, shards)}.ok")
-        if os.path.exists(marker):
-            return
+    marker = pass_marker(cache_dir, f"array_record_check_{split}_{_verify_key(path, shards)}")
+    if marker and os.path.exists(marker):
+        return
     from array_record.python.array_record_module import ArrayRecordReader
 
     fix = "rerun python -m mmdiff_jax.data.prepare to write the directory again"
@@ -149,11 +147,7 @@ def verify(path: str, split: str, info: dict, cache_dir: str | None = None) -> N
             raise DataError(f"{shard}: not a readable ArrayRecord file ({e}); {fix}.") from None
         if count != s["count"]:
             raise DataError(f"{shard}: {count} records, {INFO} says {s['count']}; {fix}.")
-    if marker:
-        os.makedirs(cache_dir, exist_ok=True)
-        with open(f"{marker}.{os.getpid()}.tmp", "w") as f:
-            f.write(f"{len(shards)} shards\n")
-        os.replace(f"{marker}.{os.getpid()}.tmp", marker)
+    remember_pass(marker, f"{len(shards)} shards")
 
 
 class ArrayRecordSource:

@@ -10,6 +10,7 @@ decodes whole batches in the main process.
 from __future__ import annotations
 
 import dataclasses
+import os
 import zipfile
 from typing import Protocol, Sequence
 
@@ -19,6 +20,22 @@ from mmdiff_jax.errors import UserError
 
 class DataError(UserError):
     """A file of the data is missing, unreadable or inconsistent; the message names it."""
+
+
+def pass_marker(cache_dir: str | None, name: str) -> str | None:
+    """The file that remembers a passed data check `name` in `cache_dir` (None: nothing is remembered)."""
+    return os.path.join(cache_dir, f"{name}.ok") if cache_dir else None
+
+
+def remember_pass(marker: str | None, text: str) -> None:
+    """Write a pass marker atomically (a per-process temporary, then a rename: processes may race)."""
+    if marker is None:
+        return
+    os.makedirs(os.path.dirname(marker), exist_ok=True)
+    tmp = f"{marker}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text + "\n")
+    os.replace(tmp, marker)
 
 
 IMAGE_KEYS = ("image",)  # storage-form uint8 keys decoded to [-1, 1]

@@ -30,7 +30,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from mmdiff_jax.data.sources.base import DataError
+from mmdiff_jax.data.sources.base import DataError, pass_marker, remember_pass
 from mmdiff_jax.data.standardize import Standardizer
 from mmdiff_jax.progress import Progress
 
@@ -232,13 +232,10 @@ def _cache_key(listing: Listing, mask_classes: int | None) -> str:
 def check(listing: Listing, mask_classes: int | None = None, cache_dir: str | None = None,
           workers: int | None = None) -> None:
     """Open every image (and mask) of the split once; raise DataError naming the first bad file. A pass is
-    remembered in `cache_dir` (nothing is cached when it is None)."""
-    marker = None
-    if cache_dir:
-        marker = os.path.join(cache_dir, f"folder_check_{listing.split}_{_cache_key(listing, mask_classes)}.ok")
-        if os.path.exists(marker):
-            return
-    load_vectors(listing)
+    remembered in `cache_dir` (nothing is cached when it is None). The vectors file is checked by `load_vectors`."""
+    marker = pass_marker(cache_dir, f"folder_check_{listing.split}_{_cache_key(listing, mask_classes)}")
+    if marker and os.path.exists(marker):
+        return
     workers = workers or len(os.sched_getaffinity(0))
     progress = Progress(len(listing.paths), f"checking {listing.image_dir}")
     problems = []
@@ -255,11 +252,7 @@ def check(listing: Listing, mask_classes: int | None = None, cache_dir: str | No
     if problems:
         more = f" ({len(problems) - 1} more problem(s) after this one)" if len(problems) > 1 else ""
         raise DataError(problems[0] + more)
-    if marker:
-        os.makedirs(cache_dir, exist_ok=True)
-        with open(f"{marker}.{os.getpid()}.tmp", "w") as f:
-            f.write(f"{len(listing.paths)} files\n")
-        os.replace(f"{marker}.{os.getpid()}.tmp", marker)
+    remember_pass(marker, f"{len(listing.paths)} files")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,16 +302,15 @@ def folder(split: str, root: str = "", image_size: int = 0, channels: int = 3, m
     if channels not in (1, 3):
         raise DataError(f"data.channels={channels!r}: use 3 (RGB) or 1 (grey).")
     listing = list_split(root, split)
-    if split != "train":
-        train_classes = list_split(root, "train").class_names
-        if listing.class_names != train_classes:
-            differ = sorted(set(listing.class_names) ^ set(train_classes))
-            raise DataError(f"{listing.image_dir}: its class folders differ from {os.path.join(root, 'train')}'s "
-                            f"(first difference: {differ[0]!r}); both splits need the same class folders.")
+    train_listing = listing if split == "train" else list_split(root, "train")
+    if listing.class_names != train_listing.class_names:
+        differ = sorted(set(listing.class_names) ^ set(train_listing.class_names))
+        raise DataError(f"{listing.image_dir}: its class folders differ from {train_listing.image_dir}'s "
+                        f"(first difference: {differ[0]!r}); both splits need the same class folders.")
+    vectors = load_vectors(listing)  # its problems are reported before the (slower) check of every file
     check(listing, mask_classes, cache_dir)
-    vectors = load_vectors(listing)
     if vectors is not None:
-        train_vectors = vectors if split == "train" else load_vectors(list_split(root, "train"))
+        train_vectors = vectors if split == "train" else load_vectors(train_listing)
         if train_vectors is None or train_vectors.shape[1] != vectors.shape[1]:
             raise DataError(f"{listing.vectors_path}: standardizing it needs {root}/train_vectors.npz with the same "
                             f"dimension {vectors.shape[1]}.")
