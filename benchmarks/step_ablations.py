@@ -2,7 +2,7 @@
 variant timed in interleaved rounds in one process (the host's speed drifts by minutes), for JAX and, when torch is
 installed, for the PyTorch reference of the same network.
 
-    python -m benchmarks.step_ablations [--config configs/digits_image_label.py] [--rounds 6] [--out ablations.json]
+    python -m benchmarks.step_ablations [--config digits_image_label] [--rounds 6] [--out ablations.json]
                                         [--notorch]
 
 Step variants (each a *different program*, built only to account for time; none of them trains the model):
@@ -383,7 +383,7 @@ def main(argv):
 def _define_flags() -> None:
     """The command line's flags, defined only when this file runs as a program, so that importing it (the tests do,
     beside `mmdiff_jax.bench`, which defines `--config` and `--out` too) defines none."""
-    config_flags.DEFINE_config_file("config", "configs/digits_image_label.py", "Config whose step is ablated.")
+    config_flags.DEFINE_config_file("config", "mmdiff_jax/configs/digits_image_label.py", "Config whose step is ablated.")
     flags.DEFINE_string("out", "ablations.json", "Where to write the JSON results.")
     flags.DEFINE_integer("rounds", 6, "Interleaved rounds; every variant runs `--per_round` steps in each.")
     flags.DEFINE_integer("per_round", 8, "Timed steps per variant per round.")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Start N processes of the main job on this machine, joined by jax.distributed (CPU collectives: gloo).
 #
-#   launch/local_multiprocess.sh NUM_PROCESSES --config configs/tiny.py --workdir /tmp/mp [more main flags]
+#   launch/local_multiprocess.sh NUM_PROCESSES --config tiny --workdir /tmp/mp [more main flags]
 #
 # Variables (all optional):
 #   PYTHON                   interpreter to run (default: python3)

@@ -11,7 +11,7 @@
 #   ACCELERATOR_TYPE  e.g. v4-32 (create only; default v4-32)
 #   RUNTIME_VERSION   TPU VM image (create only; default tpu-ubuntu2204-base)
 #   REMOTE_DIR        checkout directory on every worker (default: mmdiff_jax, relative to the home directory)
-#   CONFIG            experiment config, relative to the repository (run; default configs/digits_image_label.py)
+#   CONFIG            experiment config: a shipped name or a path relative to the repository (run; default digits_image_label)
 #   WORKDIR           run directory visible to every worker: a shared mount such as gcsfuse or Filestore (run; required)
 #   EXTRA_FLAGS       more flags for python -m mmdiff_jax.main, e.g. "--config.mesh.fsdp=4" (run; optional)
 set -euo pipefail
@@ -50,7 +50,7 @@ case "$command" in
     ;;
   run)  # start the job in the background on every worker; its pid goes to run.pid for `stop`
     : "${WORKDIR:?set WORKDIR to a directory every worker sees (shared mount)}"
-    config=${CONFIG:-configs/digits_image_label.py}
+    config=${CONFIG:-digits_image_label}
     on_workers "cd $remote_dir && nohup .venv/bin/python -m mmdiff_jax.main --config $config --workdir $WORKDIR \
       --distributed=on ${EXTRA_FLAGS:-} > run.log 2>&1 < /dev/null & echo \$! > $remote_dir/run.pid"
     ;;

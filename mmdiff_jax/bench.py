@@ -1,6 +1,6 @@
 """Performance benchmark (SPEC §6): prints a table and writes bench.json.
 
-    python -m mmdiff_jax.bench [--config configs/digits_image_label.py] [--out bench.json] [--torch] [--profile]
+    python -m mmdiff_jax.bench [--config digits_image_label] [--out bench.json] [--torch] [--profile]
                                [--noxla_cpu_tuned]
 
 Measures, in one process: this machine's matmul peak (`jnp.dot` in the config's compute dtype, 2048x2048 on CPU and
@@ -26,9 +26,10 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from mmdiff_jax import timing
+from mmdiff_jax import cli, configs, timing
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/digits_image_label.py", "Config to benchmark.")
+_CONFIG = config_flags.DEFINE_config_file("config", configs.path("digits_image_label"),
+                                          "Config to benchmark: a shipped config's name or a file, with :preset.")
 _OUT = flags.DEFINE_string("out", "bench.json", "Where to write the JSON results.")
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", len(os.sched_getaffinity(0)), "CPU devices (as in main).")
 _XLA_CPU_TUNED = flags.DEFINE_bool("xla_cpu_tuned", True, "As in main: the XLA CPU flag of mmdiff_jax/cpu_backend.py "
@@ -122,11 +123,9 @@ def bench_sampler(config, num_steps: int = 50, batch: int = 256) -> dict:
     graphdef, params = train.create_model(config, diff)
     chain = samplers.respace(diff.betas, diff.weights, num_steps)
     shape = tuple(config.latent_shape)
-    mods = diff.modalities
 
     def predict(p, z, t):
-        eps, heads = nnx.merge(graphdef, p)(z, t)
-        return eps, mods.expected_encodings(heads, z.shape[0]), heads
+        return objective.predict(nnx.merge(graphdef, p), diff, z, t)
 
     scan_fn = jax.jit(lambda p, k: samplers.sample(chain, lambda z, t: predict(p, z, t), k, batch, shape)[0])
     scan_fn(params, jax.random.key(0)).block_until_ready()
@@ -348,4 +347,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

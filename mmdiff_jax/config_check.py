@@ -168,6 +168,7 @@ def validate(config, device_count: int | None = None, process_count: int | None 
                                       f"{spec.loss_weight!r}.")
     except (modalities_lib.ModalityError, TypeError) as e:
         c.problems.append(str(e))
+    c.choice("diffusion.denoiser_output", set(objective.DENOISER_OUTPUTS))
     # data
     c.choice("data.source", sources.SOURCES)
     batch = c.int_range("data.global_batch_size", 1)

@@ -31,7 +31,8 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from mmdiff_jax import parallel
+from mmdiff_jax import metrics_writer, objective, parallel
+from mmdiff_jax.errors import UserError
 from mmdiff_jax import sample as sample_lib
 from mmdiff_jax.data import masking, sources, vectors
 from mmdiff_jax.diffusion import losses
@@ -39,16 +40,33 @@ from mmdiff_jax.evaluation import evaluator as evaluator_lib
 from mmdiff_jax.evaluation import feature_metrics, grids, head_probe, inpainting, segmentation
 
 
-def evaluate(config, workdir: str) -> dict:
+def output_paths(workdir: str, tag: str) -> tuple[str, str]:
+    """(the results .json, the samples directory) of an evaluation: eval.json and samples/ for the run's own
+    (untagged) evaluation, eval_<tag>.json and samples/<tag>/ for a tagged one."""
+    if tag:
+        return os.path.join(workdir, f"eval_{tag}.json"), os.path.join(workdir, "samples", tag)
+    return os.path.join(workdir, "eval.json"), os.path.join(workdir, "samples")
+
+
+def evaluate(config, workdir: str, tagged: bool = False) -> dict:
+    """The metrics of the latest checkpoint and the samples behind them.
+
+    The evaluation after training (`tagged=False`, no eval.tag) writes eval.json and samples/. `--mode eval`
+    (`tagged=True`) writes eval_<tag>.json and samples/<tag>/, the tag being `eval.tag` or `step<S>_seed<K>`
+    (checkpoint step, sample.seed); an existing tagged result is never replaced (a one-line error says so)."""
     start = time.perf_counter()
     gen = sample_lib.load_generator(config, workdir)
     config = gen.config  # its shapes resolved from the data
+    tag = config.eval.tag or (f"step{gen.step}_seed{config.sample.seed}" if tagged else "")
+    json_path, out_dir = output_paths(workdir, tag)
+    if tag and (os.path.exists(json_path) or os.path.exists(out_dir)):
+        raise UserError(f"{json_path} (or {out_dir}) exists from an earlier evaluation; to keep both, pass "
+                        "--config.eval.tag=<new name> (or another --config.sample.seed); to redo it, delete them.")
+    logging.info("Evaluating step %d: results to %s, samples to %s", gen.step, json_path, out_dir)
     train_src = sources.for_eval(config, "train", workdir)
     test_src = sources.for_eval(config, "test", workdir)
     key = jax.random.key(config.sample.seed)
     n = config.eval.num_samples
-    tag = config.eval.tag  # '' -> eval.json and samples/; 'x' -> eval_x.json and samples/x/ (e.g. another sampler)
-    out_dir = os.path.join(workdir, "samples", tag) if tag else os.path.join(workdir, "samples")
     os.makedirs(out_dir, exist_ok=True)
 
     joint = gen.generate(jax.random.fold_in(key, 0), n)
@@ -87,9 +105,13 @@ def evaluate(config, workdir: str) -> dict:
     sample_lib.write_samples(out_dir, "joint", joint, gen)
     results["eval_seconds"] = time.perf_counter() - start
     if parallel.is_main_process():
-        with open(os.path.join(workdir, f"eval_{tag}.json" if tag else "eval.json"), "w") as f:
+        with open(json_path + ".tmp", "w") as f:
             json.dump(results, f, indent=2)
+        os.replace(json_path + ".tmp", json_path)
+        metrics_writer.write_evaluation(workdir, gen.step, f"eval_{tag}" if tag else "eval", results,
+                                        sample_lib.grid_files(out_dir))
     logging.info("Evaluation: %s", json.dumps(results, indent=2))
+    logging.info("Wrote %s and the samples in %s", json_path, out_dir)
     return results
 
 
@@ -226,8 +248,8 @@ def _likelihood_metrics(config, gen, key, test_arrays) -> dict:
     @jax.jit
     def run(z0, enc, batch, k):
         def denoise(zt, t):
-            eps_hat, heads = model(zt, t)
-            return eps_hat, mods.expected_encodings(heads, zt.shape[0]), mods.nlls(heads, batch, zt.shape[0])
+            eps_hat, enc_hat, heads = objective.predict(model, gen.diff, zt, t)
+            return eps_hat, enc_hat, mods.nlls(heads, batch, zt.shape[0])
 
         return losses.elbo(gen.diff.sched, denoise, k, z0, enc, [m.data_dims for m in mods.aux], gen.diff.bin_width)
 

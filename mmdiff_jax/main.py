@@ -1,7 +1,11 @@
 """The main job: trains (resuming automatically), then evaluates, writing the metrics and the samples behind them.
 
-    python -m mmdiff_jax.main --config configs/digits_image_label.py --workdir runs/digits [--mode train|eval|sample]
-    [--config.train.num_steps=1000 ...]
+    python -m mmdiff_jax.main --config digits_image_label --workdir runs/digits [--mode train|eval|sample|summary]
+        [--config.train.num_steps=1000 ...]
+
+--config takes a shipped config's name or a config file's path, either with an optional :preset
+(`--config digits_image_label:any_direction`, `--config my_configs/run.py`). Any field can be overridden with
+--config.<field>=<value>; docs/configs.md lists every field with its default and meaning.
 """
 
 from __future__ import annotations
@@ -13,13 +17,17 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "A shipped config's name or a config file, with an optional :preset (see above).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, samples and eval results.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample", "summary"],
-                          "train: train (resume if possible), then eval; eval: metrics of the latest checkpoint plus "
-                          "the samples behind them (.npz + PNG); sample: a small set of .npz + PNG samples only; "
+                          "train: train (resume if possible), then evaluate into eval.json and samples/; eval: the "
+                          "metrics of the latest checkpoint and the samples behind them, into eval_<tag>.json and "
+                          "samples/<tag>/ (tag: --config.eval.tag or step<S>_seed<K>); sample: a small set of .npz + "
+                          "PNG samples into samples/<tag>/ (tag: --config.eval.tag or sample_step<S>_seed<K>); "
                           "summary: parameters, FLOPs per example and memory per device of the train step, from "
-                          "abstract shapes (nothing allocated), to workdir/summary.json.")
+                          "abstract shapes (nothing allocated), to workdir/summary.json. eval and sample never "
+                          "replace earlier outputs.")
 _EVAL_AFTER_TRAIN = flags.DEFINE_bool("eval_after_train", True,
                                       "In --mode train, evaluate (and write samples) when done.")
 _CPU_DEVICES = flags.DEFINE_integer(
@@ -82,7 +90,7 @@ def main(argv):
             if _EVAL_AFTER_TRAIN.value:  # eval writes the samples too: no second restore and compile
                 evaluate.evaluate(config, workdir)
         elif _MODE.value == "eval":
-            evaluate.evaluate(config, workdir)
+            evaluate.evaluate(config, workdir, tagged=True)
         elif _MODE.value == "summary":
             summary.summary(config, workdir)
         else:
@@ -93,6 +101,11 @@ def main(argv):
         sys.exit(0)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        _exit(2, at_once)
+    except OSError as e:  # a file the run cannot read or write (the workdir, the data): the file and the reason
+        if e.filename is None:
+            raise
+        print(f"error: {e.filename}: {e.strerror or e} (check --workdir and the data paths)", file=sys.stderr)
         _exit(2, at_once)
     except Exception:  # noqa: BLE001 - reported in full, then the process leaves
         if not at_once:
@@ -113,17 +126,8 @@ def _exit(status: int, at_once: bool) -> None:
     os._exit(status)
 
 
-def _parse_flags(argv):
-    """absl's parser, with a bad `--config.*` override reported as one line instead of a traceback."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        print(f"error: {e}\nSee --helpfull.", file=sys.stderr)
-        sys.exit(2)
-    except (AttributeError, KeyError, TypeError, ValueError) as e:
-        print(f"error: bad config override: {e}".replace("\\n", " "), file=sys.stderr)
-        sys.exit(2)
-
-
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    from mmdiff_jax import cli, configs
+
+    __doc__ += f"\nThe shipped configs (mmdiff_jax/configs/):\n{configs.catalogue()}\n"  # shown by --help
+    app.run(main, flags_parser=cli.parse_flags)

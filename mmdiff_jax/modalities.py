@@ -50,6 +50,9 @@ class ModalitySpec:
     dropout: float = 0.0  # training: probability that an example's encoding is dropped (any-direction generation)
     # training with dropout: train the head on the dropped examples too (by default their head loss is masked)
     head_loss_when_dropped: bool = False
+    # label codes: 0 = white noise over the whole latent; n > 0 = a random n x n grid per channel, upsampled
+    # bilinearly to the latent (a smooth, low-frequency code)
+    code_grid: int = 0
 
 
 class Modality:
@@ -151,8 +154,29 @@ def unit_rms_codes(num_codes: int, latent_shape: tuple[int, ...], seed: int) -> 
     )
 
 
+def smooth_unit_rms_codes(num_codes: int, latent_shape: tuple[int, ...], grid: int, seed: int) -> np.ndarray:
+    """Fixed random codes [K, H, W, C] that vary slowly in space: N(0, 1) on a grid x grid x C lattice, upsampled
+    bilinearly (half-pixel centres, edges clamped) to H x W, then scaled to root-mean-square 1."""
+    height, width, channels = latent_shape
+    coarse = np.random.default_rng(seed).normal(size=(num_codes, grid, grid, channels))
+
+    def taps(out_size):  # for each output index: the two coarse indices and the weight of the second
+        pos = np.clip((np.arange(out_size) + 0.5) * grid / out_size - 0.5, 0.0, grid - 1.0)
+        lo = np.floor(pos).astype(np.int64)
+        hi = np.minimum(lo + 1, grid - 1)
+        return lo, hi, pos - lo
+
+    r0, r1, rw = taps(height)
+    c0, c1, cw = taps(width)
+    rows = coarse[:, r0] * (1 - rw)[None, :, None, None] + coarse[:, r1] * rw[None, :, None, None]
+    codes = rows[:, :, c0] * (1 - cw)[None, None, :, None] + rows[:, :, c1] * cw[None, None, :, None]
+    rms = np.sqrt(np.mean(codes.reshape(num_codes, -1) ** 2, axis=1)).reshape(num_codes, 1, 1, 1)
+    return (codes / rms).astype(np.float32)
+
+
 class LabelModality(Modality):
-    """A class label, int [B] in 0..K-1. Encoder: a fixed unit-RMS random code per class, of the latent's shape.
+    """A class label, int [B] in 0..K-1. Encoder: a fixed unit-RMS random code per class, of the latent's shape
+    (white noise, or smooth with `code_grid`).
     Head: an MLP on pooled features -> logits [B, K]; ê = softmax(logits) · codes; categorical likelihood."""
 
     kind = "label"
@@ -161,7 +185,13 @@ class LabelModality(Modality):
         super().__init__(spec, latent_shape)
         if spec.num_classes < 2:
             self._fail(f"num_classes must be at least 2, got {spec.num_classes}.")
-        self.codes = unit_rms_codes(spec.num_classes, latent_shape, spec.seed)
+        if spec.code_grid < 0 or spec.code_grid > min(latent_shape[:2]) or int(spec.code_grid) != spec.code_grid:
+            self._fail(f"code_grid must be 0 (white noise) or an integer grid side in 1..{min(latent_shape[:2])}, "
+                       f"got {spec.code_grid!r}.")
+        if spec.code_grid:
+            self.codes = smooth_unit_rms_codes(spec.num_classes, latent_shape, int(spec.code_grid), spec.seed)
+        else:
+            self.codes = unit_rms_codes(spec.num_classes, latent_shape, spec.seed)
 
     @property
     def data_dims(self) -> int:

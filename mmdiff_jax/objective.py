@@ -26,6 +26,7 @@ class Diffusion:
     weights: np.ndarray  # float64 [T, N]
     loss_weights: Mapping[str, float]
     bin_width: float | None  # spacing of the primary's discrete data grid, for the decoder likelihood
+    denoiser_output: str = "eps"  # what the backbone's output is (see `predict`)
 
     @property
     def num_steps(self) -> int:
@@ -67,7 +68,37 @@ def build_diffusion(config) -> Diffusion:
         modalities=mods, sched=sched, betas=betas, weights=weights,
         loss_weights=losses.check_loss_weights(dict(dcfg.loss_weights)),
         bin_width=dcfg.get("bin_width", None),
+        denoiser_output=dcfg.get("denoiser_output", "eps"),
     )
+
+
+DENOISER_OUTPUTS = ("eps", "composite")
+
+
+def predict(model, diff: Diffusion, zt: jax.Array, t: jax.Array, present: jax.Array | None = None,
+            dropout_key: jax.Array | None = None):
+    """The reverse model at (z_t [B, *S], t [B]): (ε̂ [B, *S], ê [B, N, *S], {aux name: head output}).
+
+    `present` [B, N] (models trained with modality dropout): a dropped modality does not drive the process, so its
+    ê is zero. `diff.denoiser_output` says what the backbone's output r is:
+      'eps'        r = ε̂ (SPEC §1): the backbone alone must also subtract the auxiliary codes' share of z_t;
+      'composite'  r predicts the composite noise (z_t - abar_t z_0) / s_t = ε + sum_i c_t(i) e_i / s_t, and
+                   ε̂ = r - sum_i c_t(i) ê_i / s_t, the codes' share explained by the heads' expected encodings.
+    Both give the same ẑ_0 formula and loss terms; 'composite' spares a convolutional backbone from reproducing
+    each code's pattern pixel by pixel (ẑ_0 = (z_t - s_t r) / abar_t depends on r alone).
+    """
+    if dropout_key is not None and getattr(model, "takes_dropout_key", False):  # a backbone with dropout (ADM)
+        out, heads = model(zt, t, present, dropout_key=dropout_key)
+    else:
+        out, heads = model(zt, t, present)
+    mods = diff.modalities
+    enc_hat = mods.expected_encodings(heads, zt.shape[0])
+    if present is not None:
+        enc_hat = enc_hat * _per_modality(present.astype(enc_hat.dtype), enc_hat)
+    if diff.denoiser_output == "composite":
+        shift = process.mix_modalities(diff.sched.c, t, enc_hat)
+        return out - shift / process.per_example(diff.sched.s, t, zt), enc_hat, heads
+    return out, enc_hat, heads
 
 
 def compute_loss(model, diff: Diffusion, batch: Mapping[str, jax.Array], key: jax.Array):
@@ -86,16 +117,11 @@ def compute_loss(model, diff: Diffusion, batch: Mapping[str, jax.Array], key: ja
         present = present.astype(jnp.float32)
         enc = enc * _per_modality(present, enc)  # a dropped modality does not drive the forward process
     zt = process.q_sample(diff.sched, t, z0, enc, eps)
-    if getattr(model, "takes_dropout_key", False):  # a backbone with dropout (ADM) draws it from the step's key
-        eps_hat, head_outs = model(zt, t, present, dropout_key=jax.random.fold_in(key, 3))
-    else:
-        eps_hat, head_outs = model(zt, t, present)
-    enc_hat = mods.expected_encodings(head_outs, batch_size)
+    eps_hat, enc_hat, head_outs = predict(model, diff, zt, t, present, dropout_key=jax.random.fold_in(key, 3))
     aux_nll = mods.nlls(head_outs, batch, batch_size)
     trained = jnp.ones_like(aux_nll)  # [B, N]: the examples each head is trained on
     if present is not None:
-        enc_hat = enc_hat * _per_modality(present, enc_hat)
-        # and its head is not trained on it, unless asked to (then it reads the primary alone)
+        # a dropped modality's head is not trained on it, unless asked to (then it reads the primary alone)
         trained = jnp.maximum(present, jnp.asarray(mods.head_loss_when_dropped(), jnp.float32))
         aux_nll = aux_nll * trained
     terms = losses.loss_terms(diff.sched, t, z0, enc, eps, eps_hat, enc_hat, aux_nll, mods.loss_weights(),

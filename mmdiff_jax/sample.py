@@ -14,7 +14,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from mmdiff_jax import checkpointing, config_check, objective, parallel, train
+from mmdiff_jax import checkpointing, config_check, metrics_writer, objective, parallel, train
 from mmdiff_jax.data import shapes
 from mmdiff_jax.diffusion import samplers
 from mmdiff_jax.errors import UserError
@@ -37,11 +37,8 @@ class Generator:
         return samplers.respace(self.diff.betas, self.diff.weights, self.config.sample.num_steps)
 
     def _predict_fn(self, params):
-        mods = self.diff.modalities
-
         def predict(zt, t, present=None):
-            eps_hat, heads = nnx.merge(self.graphdef, params)(zt, t, present)
-            return eps_hat, mods.expected_encodings(heads, zt.shape[0]), heads
+            return objective.predict(nnx.merge(self.graphdef, params), self.diff, zt, t, present)
 
         return predict
 
@@ -146,11 +143,17 @@ def load_generator(config, workdir: str) -> Generator:
 
 
 def sample(config, workdir: str) -> dict[str, str]:
-    """Joint samples and, for each auxiliary label modality, label -> image samples; .npz + PNG in workdir/samples."""
+    """Joint samples and, for each auxiliary label modality, label -> image samples; .npz + PNG in
+    workdir/samples/<tag>/, the tag being `eval.tag` or `sample_step<S>_seed<K>` (checkpoint step, sample.seed). An
+    existing directory is never written into (a one-line error says so)."""
     gen = load_generator(config, workdir)
     config = gen.config
-    out_dir = os.path.join(workdir, "samples")
-    os.makedirs(out_dir, exist_ok=True)
+    tag = config.eval.tag or f"sample_step{gen.step}_seed{config.sample.seed}"
+    out_dir = os.path.join(workdir, "samples", tag)
+    if os.path.exists(out_dir):
+        raise UserError(f"{out_dir} exists from an earlier --mode sample; to keep both, pass "
+                        "--config.eval.tag=<new name> (or another --config.sample.seed); to redo it, delete it.")
+    os.makedirs(out_dir)
     key = jax.random.key(config.sample.seed)
     written = {}
     joint = gen.generate(jax.random.fold_in(key, 0), 100)
@@ -161,7 +164,15 @@ def sample(config, workdir: str) -> dict[str, str]:
             cond = gen.generate(jax.random.fold_in(key, 1), len(labels), given={m.name: labels})
             written[f"{m.name}_to_image"] = write_samples(out_dir, f"{m.name}_to_image", cond, gen,
                                                           sort_grid_by_label=True)
+    if parallel.is_main_process():
+        metrics_writer.write_evaluation(workdir, gen.step, tag, {}, grid_files(out_dir))
+    logging.info("Wrote %s to %s", ", ".join(sorted(written)), out_dir)
     return written
+
+
+def grid_files(out_dir: str) -> dict[str, str]:
+    """The PNG grids in `out_dir`: name (file name without .png) -> path."""
+    return {f[:-4]: os.path.join(out_dir, f) for f in sorted(os.listdir(out_dir)) if f.endswith(".png")}
 
 
 def write_samples(out_dir: str, name: str, data: Mapping[str, np.ndarray], gen: Generator,

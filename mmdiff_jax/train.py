@@ -70,15 +70,20 @@ def create_model(config, diff: objective.Diffusion) -> tuple[nnx.GraphDef, Any]:
     return graphdef, params
 
 
-def make_optimizer(ocfg, total_steps: int) -> optax.GradientTransformation:
-    """AdamW with linear warmup then cosine decay, and global-norm clipping."""
-    schedule = optax.warmup_cosine_decay_schedule(
+def learning_rate_schedule(ocfg, total_steps: int) -> optax.Schedule:
+    """Linear warmup from 0 to `optim.lr`, then cosine decay to lr * final_lr_fraction at `total_steps`."""
+    return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=ocfg.lr, warmup_steps=ocfg.warmup_steps,
         decay_steps=max(total_steps, ocfg.warmup_steps + 1), end_value=ocfg.lr * ocfg.final_lr_fraction,
     )
+
+
+def make_optimizer(ocfg, total_steps: int) -> optax.GradientTransformation:
+    """AdamW on `learning_rate_schedule`, and global-norm clipping."""
     return optax.chain(
         optax.clip_by_global_norm(ocfg.grad_clip),
-        optax.adamw(schedule, b1=ocfg.b1, b2=ocfg.b2, weight_decay=ocfg.weight_decay),
+        optax.adamw(learning_rate_schedule(ocfg, total_steps), b1=ocfg.b1, b2=ocfg.b2,
+                    weight_decay=ocfg.weight_decay),
     )
 
 
@@ -244,6 +249,8 @@ def train(config, workdir: str, num_steps: int | None = None) -> TrainState:
             f.write(config.to_json_best_effort(indent=2))
     step_fn = jit_train_step(graphdef, diff, tx, config.optim.ema_decay, mesh, state)
     writer = MetricWriter(workdir, stop_at)
+    schedule = learning_rate_schedule(config.optim, total_steps)
+    learning_rate = lambda count: float(schedule(count))  # noqa: E731
     n_params = sum(x.size for x in jax.tree.leaves(params))
     logging.info("Model: %d parameters; %s; mesh %s", n_params, objective.describe(diff), dict(mesh.shape))
     step = int(state.step)
@@ -263,6 +270,7 @@ def train(config, workdir: str, num_steps: int | None = None) -> TrainState:
             at_log_step = step % config.train.log_every == 0 or step == stop_at
             if at_log_step:
                 metrics = jax.device_get(metrics)
+                metrics["learning_rate"] = learning_rate(step - 1)  # the rate of the update just applied
                 metrics.update(writer.progress(step, metrics))
                 writer.write(step, metrics)
                 if metrics["bad_streak"] >= config.train.max_bad_steps:
@@ -282,6 +290,7 @@ def train(config, workdir: str, num_steps: int | None = None) -> TrainState:
             if stop_now:
                 break
     ckpt.wait()
+    writer.close()
     seconds = time.perf_counter() - start_time
     logging.info("Trained to step %d in %.1f s", step, seconds)
     if parallel.is_main_process():

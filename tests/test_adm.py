@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from configs import tiny
+from mmdiff_jax.configs import tiny
 from mmdiff_jax import train
 from mmdiff_jax.models import adm
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import digits_image_label, tiny
+from mmdiff_jax.configs import digits_image_label, tiny
 from mmdiff_jax import config_check, evaluate, objective, sample, train
 from mmdiff_jax.config_check import ConfigError
 from mmdiff_jax.diffusion import process

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import tiny
+from mmdiff_jax.configs import tiny
 from mmdiff_jax import bench
 
 
@@ -44,7 +44,7 @@ def test_torch_reference_is_the_same_network():
     its step trains; skipped where torch is not installed (it is not a dependency of the package)."""
     torch = pytest.importorskip("torch")
     from benchmarks import torch_reference
-    from configs import digits_image_label
+    from mmdiff_jax.configs import digits_image_label
     from mmdiff_jax import objective, train
     from mmdiff_jax.data import sources
 

@@ -55,7 +55,7 @@ def _main(workdir, cache_dir):
     # conftest's min compile time and entry size (0) come along; each miss is logged as a warning
     env.update(JAX_PLATFORMS="cpu", JAX_EXPLAIN_CACHE_MISSES="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "mmdiff_jax.main", "--config", "configs/tiny.py", "--workdir", str(workdir),
+        [sys.executable, "-m", "mmdiff_jax.main", "--config", "mmdiff_jax/configs/tiny.py", "--workdir", str(workdir),
          f"--compilation_cache_dir={cache_dir}", "--config.train.num_steps=2", "--config.train.log_every=1",
          "--config.mesh.data=1", "--cpu_devices=1", "--noeval_after_train"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

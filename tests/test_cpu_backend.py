@@ -19,7 +19,7 @@ from mmdiff_jax import cpu_backend
 note = cpu_backend.configure(1, tuned=sys.argv[1] == "tuned")
 import jax, jax.numpy as jnp
 from flax import nnx
-from configs import tiny
+from mmdiff_jax.configs import tiny
 from mmdiff_jax import objective, train
 from mmdiff_jax.data import sources
 config = tiny.get_config()

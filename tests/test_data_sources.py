@@ -253,7 +253,7 @@ def test_imagenet64_npz_is_channel_major_and_one_based(tmp_path):
 
 
 def test_shapes_follow_the_data(data_root, prepared):
-    from configs import folder_image_label, folder_image_mask
+    from mmdiff_jax.configs import folder_image_label, folder_image_mask
 
     c = folder_image_label.get_config("smoke")
     c.data.source_kwargs.root = data_root

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from configs import tiny
+from mmdiff_jax.configs import tiny
 from mmdiff_jax import evaluate, sample, train
 
 

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import (digits_image_mask, digits_image_vector, digits_masked_image, mnist_image_label, mnist_image_only,
+from mmdiff_jax.configs import (digits_image_mask, digits_image_vector, digits_masked_image, mnist_image_label, mnist_image_only,
                      shapes_image_mask, tiny)
 from mmdiff_jax import config_check, evaluate, sample, train
 from mmdiff_jax.data import sources

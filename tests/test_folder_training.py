@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import folder_image_label, folder_image_mask
+from mmdiff_jax.configs import folder_image_label, folder_image_mask
 from mmdiff_jax import checkpointing, evaluate, train
 from mmdiff_jax.data import prepare
 from tests.test_data_sources import write_folder
@@ -111,7 +111,7 @@ def test_a_corrupt_image_stops_the_main_job_with_one_line(colours, tmp_path):
         f.write(b"not an image")
     workdir = str(tmp_path / "run")
     run = subprocess.run(
-        [sys.executable, "-m", "mmdiff_jax.main", "--config", "configs/folder_image_label.py:smoke", "--workdir",
+        [sys.executable, "-m", "mmdiff_jax.main", "--config", "mmdiff_jax/configs/folder_image_label.py:smoke", "--workdir",
          workdir, f"--config.data.source_kwargs.root={root}", "--cpu_devices=1"],
         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert run.returncode == 2, run.stderr[-2000:]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import imagenet64_image_label, imagenet64_image_only
+from mmdiff_jax.configs import imagenet64_image_label, imagenet64_image_only
 from mmdiff_jax import objective, summary, train
 from mmdiff_jax.models.mt_diffusion import MTDiffusion
 from mmdiff_jax.data import prepare

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import digits_masked_image, tiny
+from mmdiff_jax.configs import digits_masked_image, tiny
 from mmdiff_jax import config_check, evaluate, sample, train
 from mmdiff_jax import modalities as M
 from mmdiff_jax.config_check import ConfigError

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from configs import tiny
+from mmdiff_jax.configs import tiny
 from mmdiff_jax import checkpointing, parallel, train
 from mmdiff_jax.errors import UserError
 
@@ -61,7 +61,7 @@ def runs(tmp_path_factory):
     two = str(tmp_path_factory.mktemp("two_processes"))
     env = dict(os.environ, PYTHON=sys.executable, CPU_DEVICES_PER_PROCESS="2", TIMEOUT_S="240",
                LOG_DIR=os.path.join(two, "logs"), JAX_PLATFORMS="cpu")  # and the test cache (conftest)
-    cmd = [LAUNCHER, "2", "--config", os.path.join(REPO, "configs", "tiny.py"), "--workdir", two,
+    cmd = [LAUNCHER, "2", "--config", os.path.join(REPO, "mmdiff_jax", "configs", "tiny.py"), "--workdir", two,
            "--eval_after_train=false", "--config.mesh.data=-1"]
     # not alongside the run above: on 2 busy cores a process can miss gloo's 30 s rendezvous deadline
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -168,7 +168,7 @@ def test_a_failing_process_exits_at_once_instead_of_waiting_for_the_others(tmp_p
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    common = ["--config", os.path.join(REPO, "configs", "tiny.py"), "--workdir", str(tmp_path / "run"),
+    common = ["--config", os.path.join(REPO, "mmdiff_jax", "configs", "tiny.py"), "--workdir", str(tmp_path / "run"),
               "--eval_after_train=false", "--cpu_devices=1", f"--coordinator_address=127.0.0.1:{port}",
               "--num_processes=2", "--config.train.num_steps=100000"]
     logs = [tmp_path / f"process_{i}.log" for i in range(2)]

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from configs import tiny
+from mmdiff_jax.configs import tiny
 from mmdiff_jax import objective, train
 from mmdiff_jax.data import sources
 

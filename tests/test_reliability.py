@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import tiny
+from mmdiff_jax.configs import tiny
 from mmdiff_jax import checkpointing, config_check, objective, train
 from mmdiff_jax.data import pipeline
 from mmdiff_jax.errors import UserError
@@ -52,7 +52,7 @@ def _launch(workdir, log_path):
     """Start the main job on the tiny config in a subprocess; its log goes to a file (a pipe could fill and block)."""
     with open(log_path, "w") as log:  # the test cache comes with the environment (conftest)
         return subprocess.Popen(
-            [sys.executable, "-m", "mmdiff_jax.main", "--config", "configs/tiny.py", "--workdir", workdir]
+            [sys.executable, "-m", "mmdiff_jax.main", "--config", "mmdiff_jax/configs/tiny.py", "--workdir", workdir]
             + SUBPROCESS_FLAGS, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -255,7 +255,7 @@ def test_all_problems_are_reported_at_once():
 
 
 def test_the_default_configs_are_valid():
-    from configs import digits_image_label, digits_image_only
+    from mmdiff_jax.configs import digits_image_label, digits_image_only
 
     for config in (digits_image_label.get_config(), digits_image_only.get_config(), tiny.get_config(),
                    tiny.get_config("learns")):

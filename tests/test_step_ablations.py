@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from benchmarks import step_ablations
-from configs import tiny
+from mmdiff_jax.configs import tiny
 from mmdiff_jax import timing
 
 GROUPS, EPS = 4, 1e-6

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import tiny
+from mmdiff_jax.configs import tiny
 from mmdiff_jax import checkpointing, train
 from mmdiff_jax.checkpointing import CheckpointMismatchError
 from mmdiff_jax.errors import UserError
@@ -100,7 +100,7 @@ def test_bad_configs_fail_before_anything_is_written(tmp_path, override, match):
 
 def test_config_typo_is_refused_by_the_cli(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "mmdiff_jax.main", "--config", "configs/tiny.py", "--workdir", str(tmp_path),
+        [sys.executable, "-m", "mmdiff_jax.main", "--config", "mmdiff_jax/configs/tiny.py", "--workdir", str(tmp_path),
          "--config.optim.lrr=0.1"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "error: bad config override" in result.stderr and "lrr" in result.stderr
@@ -110,7 +110,7 @@ def test_config_typo_is_refused_by_the_cli(tmp_path):
 
 def test_cli_reports_user_errors_without_traceback(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "mmdiff_jax.main", "--config", "configs/tiny.py", "--workdir", str(tmp_path),
+        [sys.executable, "-m", "mmdiff_jax.main", "--config", "mmdiff_jax/configs/tiny.py", "--workdir", str(tmp_path),
          "--config.data.source=cifar"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "error: 1 problem(s) in the config:\n  - data.source: unknown value 'cifar'" in result.stderr

@@ -1,9 +1,9 @@
 """Joint image + label diffusion on your own images: an ImageFolder root (ROOT/train/<class>/..., ROOT/test/<class>/...).
 
-    python -m mmdiff_jax.main --config configs/folder_image_label.py --workdir runs/pets \
+    python -m mmdiff_jax.main --config folder_image_label --workdir runs/pets \
         --config.data.source_kwargs.root=$HOME/data/pets --config.data.image_size=32
     # the same data as ArrayRecord shards (python -m mmdiff_jax.data.prepare ... --out DIR):
-    python -m mmdiff_jax.main --config configs/folder_image_label.py:array_record --workdir runs/pets \
+    python -m mmdiff_jax.main --config folder_image_label:array_record --workdir runs/pets \
         --config.data.source_kwargs.path=DIR
 
 The latent shape, the label's class count and the U-Net's levels follow the data (`data/shapes.py`): images of side
@@ -12,6 +12,8 @@ multipliers for that side. `:smoke` shrinks the model and the budget to a few CP
 """
 
 from mmdiff_jax import config_base
+
+PRESETS = config_base.FILE_DATA_PRESETS
 
 
 def get_config(preset: str = ""):

@@ -1,8 +1,8 @@
 """Joint image + label diffusion on scikit-learn's 8x8 digits (the README default).
 
-    python -m mmdiff_jax.main --config configs/digits_image_label.py --workdir runs/digits
-    python -m mmdiff_jax.main --config configs/digits_image_label.py:any_direction --workdir runs/digits_any
-    python -m mmdiff_jax.main --config configs/digits_image_label.py:any_direction_head_on_dropped \
+    python -m mmdiff_jax.main --config digits_image_label --workdir runs/digits
+    python -m mmdiff_jax.main --config digits_image_label:any_direction --workdir runs/digits_any
+    python -m mmdiff_jax.main --config digits_image_label:any_direction_head_on_dropped \
         --workdir runs/digits_any_hd
 
 `any_direction`: the same model and budget trained with label dropout (each example's label is left out of the

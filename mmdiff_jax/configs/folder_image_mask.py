@@ -1,7 +1,7 @@
 """Joint image + segmentation mask diffusion on your own pairs: ROOT/train/<class>/<file> with
 ROOT/train_masks/<class>/<stem>.png (single-channel, pixel values = class ids), and the same for test.
 
-    python -m mmdiff_jax.main --config configs/folder_image_mask.py --workdir runs/scenes \
+    python -m mmdiff_jax.main --config folder_image_mask --workdir runs/scenes \
         --config.data.source_kwargs.root=$HOME/data/scenes --config.data.image_size=64 \
         --config.modalities.mask.num_classes=19
 
@@ -10,6 +10,8 @@ before training). Presets as in folder_image_label.py (`:array_record`, `:smoke`
 """
 
 from mmdiff_jax import config_base
+
+PRESETS = config_base.FILE_DATA_PRESETS
 
 
 def get_config(preset: str = ""):

@@ -2,16 +2,16 @@
 evaluator network's 128-d penultimate features of each image (standing in for CLIP embeddings, which cannot be
 downloaded here), standardized; any .npz of vectors works instead (mmdiff_jax/data/vectors.py):
 
-    python -m mmdiff_jax.main --config configs/digits_image_vector.py --workdir runs/digits_vector
-    python -m mmdiff_jax.main --config configs/digits_image_vector.py --workdir runs/my_vectors \\
+    python -m mmdiff_jax.main --config digits_image_vector --workdir runs/digits_vector
+    python -m mmdiff_jax.main --config digits_image_vector --workdir runs/my_vectors \\
         --config.data.vectors.embedding=/path/to/vectors.npz     # arrays 'train' [1438, 128] and 'test' [359, 128]
 
 `per_dim_vector_loss`: the embedding's Gaussian NLL (summed over its 128 dimensions) weighted by 1/128, one number
 per dimension like L0 (as `per_pixel_mask_loss` does for masks):
 
-    python -m mmdiff_jax.main --config configs/digits_image_vector.py:per_dim_vector_loss --workdir runs/digits_vector_pd
+    python -m mmdiff_jax.main --config digits_image_vector:per_dim_vector_loss --workdir runs/digits_vector_pd
 
-The baseline with the same backbone and step budget is configs/digits_image_only.py.
+The baseline with the same backbone and step budget is mmdiff_jax/configs/digits_image_only.py.
 """
 
 from mmdiff_jax import config_base

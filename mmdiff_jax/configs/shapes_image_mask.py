@@ -1,7 +1,7 @@
 """Image + segmentation mask ("image transition", the article's second experiment) on procedural 16x16 shapes.
 
-    python -m mmdiff_jax.main --config configs/shapes_image_mask.py --workdir runs/shapes
-    python -m mmdiff_jax.main --config configs/shapes_image_mask.py:segmentation_only --workdir runs/shapes_seg_only
+    python -m mmdiff_jax.main --config shapes_image_mask --workdir runs/shapes
+    python -m mmdiff_jax.main --config shapes_image_mask:segmentation_only --workdir runs/shapes_seg_only
 
 `segmentation_only` is the baseline with the same backbone, data and step budget: the noise-matching term L0 is
 off, so the network learns only to read the mask from the (noisy) image; it segments but cannot generate.
@@ -10,7 +10,7 @@ off, so the network learns only to read the mask from the (noisy) image; it segm
 per-dimension footing as L0 (a mean over the image's dimensions); with weight 1 the mask term is about 70 nats
 against an L0 below 1, and it dominates training.
 
-    python -m mmdiff_jax.main --config configs/shapes_image_mask.py:per_pixel_mask_loss --workdir runs/shapes_pp
+    python -m mmdiff_jax.main --config shapes_image_mask:per_pixel_mask_loss --workdir runs/shapes_pp
 """
 
 from mmdiff_jax import config_base

@@ -1,9 +1,11 @@
 """Single-task baseline: image-only diffusion on the digits, same backbone and step budget as the joint model.
 
-    python -m mmdiff_jax.main --config configs/digits_image_only.py --workdir runs/digits_image_only
+    python -m mmdiff_jax.main --config digits_image_only --workdir runs/digits_image_only
 """
 
 from mmdiff_jax import config_base
+
+PRESETS = ("",)
 
 
 def get_config():

@@ -3,16 +3,16 @@ squares is a second modality (kind 'pixels', identity encoder) that drives the f
 generation; new squares are drawn for every example in every epoch. Inpainting (`--mode eval`) generates the image
 given the masked one, for 1, 2 and 3 squares, and keeps the unmasked pixels.
 
-    python -m mmdiff_jax.main --config configs/digits_masked_image.py --workdir runs/digits_masked
-    python -m mmdiff_jax.main --config configs/digits_masked_image.py:reconstruction_only \\
+    python -m mmdiff_jax.main --config digits_masked_image --workdir runs/digits_masked
+    python -m mmdiff_jax.main --config digits_masked_image:reconstruction_only \\
         --workdir runs/digits_reconstruction_only
-    python -m mmdiff_jax.main --config configs/digits_masked_image.py:image_only --workdir runs/digits_inpaint_image_only
+    python -m mmdiff_jax.main --config digits_masked_image:image_only --workdir runs/digits_inpaint_image_only
 
 Baselines with the same backbone, data and step budget:
 * `reconstruction_only`: the masked image is the network's input (the primary) and a pixels head reads the full
   image from it; trained only on that reconstruction (no noise-matching term; the full image does not drive the
   forward process), so it reconstructs but cannot generate.
-* `image_only`: trained exactly as configs/digits_image_only.py; it inpaints by replacement (after every reverse step
+* `image_only`: trained exactly as mmdiff_jax/configs/digits_image_only.py; it inpaints by replacement (after every reverse step
   the unmasked pixels are reset to a fresh forward-process draw of the known image).
 """
 

@@ -1,9 +1,9 @@
 """Joint image + label diffusion on ImageNet 64x64 with the ADM backbone (the article's scale).
 
     python -m mmdiff_jax.data.prepare --source imagenet64 --root $HOME/data/imagenet64 --out $HOME/data/in64
-    python -m mmdiff_jax.main --config configs/imagenet64_image_label.py --workdir runs/in64 \
+    python -m mmdiff_jax.main --config imagenet64_image_label --workdir runs/in64 \
         --config.data.source_kwargs.path=$HOME/data/in64
-    python -m mmdiff_jax.main --config configs/imagenet64_image_label.py --workdir runs/in64 --mode summary
+    python -m mmdiff_jax.main --config imagenet64_image_label --workdir runs/in64 --mode summary
 
 The backbone is ADM with guided-diffusion's ImageNet-64 flags (192 channels, multipliers 1, 2, 3, 4, 3 res blocks,
 attention at 32/16/8 with 64 channels per head, scale-shift norm, resblock up/down, dropout 0.1; 295M parameters)
@@ -16,6 +16,8 @@ for memory. `--mode summary` costs it without data or parameters.
 """
 
 from mmdiff_jax import config_base
+
+PRESETS = config_base.IMAGENET64_PRESETS
 
 
 def get_config(preset: str = ""):

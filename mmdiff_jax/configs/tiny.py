@@ -1,12 +1,14 @@
 """Tiny joint image + label configs for tests: a (16, 32) U-Net and 100 diffusion steps.
 
-    python -m mmdiff_jax.main --config configs/tiny.py --workdir /tmp/tiny            # 6 steps: plumbing only
-    python -m mmdiff_jax.main --config configs/tiny.py:learns --workdir /tmp/learns   # 600 steps: learns the digits
-    python -m mmdiff_jax.main --config configs/tiny.py:mask --workdir /tmp/mask       # image + mask on shapes
-    python -m mmdiff_jax.main --config configs/tiny.py:masked --workdir /tmp/masked   # image + masked image
+    python -m mmdiff_jax.main --config tiny --workdir /tmp/tiny            # 6 steps: plumbing only
+    python -m mmdiff_jax.main --config tiny:learns --workdir /tmp/learns   # 600 steps: learns the digits
+    python -m mmdiff_jax.main --config tiny:mask --workdir /tmp/mask       # image + mask on shapes
+    python -m mmdiff_jax.main --config tiny:masked --workdir /tmp/masked   # image + masked image
 """
 
 from mmdiff_jax import config_base
+
+PRESETS = ("", "learns", "mask", "vector", "dropout", "masked", "reconstruction_only")
 
 
 def get_config(preset: str = ""):
@@ -86,6 +88,5 @@ def get_config(preset: str = ""):
         c.eval.evaluator_steps = 100
         c.eval.inpainting_counts = (1, 3)
     elif preset:
-        raise ValueError(f"configs/tiny.py: unknown preset {preset!r}; use '', 'learns', 'mask', 'vector', 'masked', "
-                         "'reconstruction_only' or 'dropout'.")
+        raise ValueError(f"unknown preset {preset!r}; use one of {PRESETS}.")
     return c

@@ -1,12 +1,12 @@
 """Image + segmentation mask on the 8x8 digits: ink pixels take class 1 + digit, the rest background (11 classes).
 
-    python -m mmdiff_jax.main --config configs/digits_image_mask.py --workdir runs/digits_mask
-    python -m mmdiff_jax.main --config configs/digits_image_mask.py:segmentation_only --workdir runs/digits_seg_only
+    python -m mmdiff_jax.main --config digits_image_mask --workdir runs/digits_mask
+    python -m mmdiff_jax.main --config digits_image_mask:segmentation_only --workdir runs/digits_seg_only
 
 `segmentation_only`: the baseline with the same backbone, data and steps, trained without the noise-matching term.
 `per_pixel_mask_loss`: the mask's NLL (summed over its 64 pixels) weighted by 1/64, one number per pixel like L0.
 
-    python -m mmdiff_jax.main --config configs/digits_image_mask.py:per_pixel_mask_loss --workdir runs/digits_mask_pp
+    python -m mmdiff_jax.main --config digits_image_mask:per_pixel_mask_loss --workdir runs/digits_mask_pp
 """
 
 from mmdiff_jax import config_base
