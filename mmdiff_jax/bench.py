@@ -151,6 +151,28 @@ def bench_sampler(config, num_steps: int = 50, batch: int = 256) -> dict:
             "scan_vs_loop_max_abs_diff": same}
 
 
+def bench_sharded_sampler(config, num_steps: int = 50, batch: int = 256) -> dict:
+    """The evaluation's sampler (`sample.Generator.generate`: ancestral, `num_steps` steps, a batch of `batch`) with
+    the batch on one device against split over every device: samples/s of each, best of 3 after a compile."""
+    import jax
+
+    from mmdiff_jax import objective, sample, train
+
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.sample.num_steps, config.sample.batch_size = num_steps, batch
+        config.sample.sampler = "ddpm"
+    diff = objective.build_diffusion(config)
+    graphdef, params = train.create_model(config, diff)
+    out = {"num_steps": num_steps, "batch": batch}
+    for name, devices in (("one_device", jax.devices()[:1]), ("all_devices", jax.devices())):
+        gen = sample.Generator(config=config, diff=diff, graphdef=graphdef, params=params, step=0, devices=devices)
+        gen.generate(jax.random.key(0), batch)  # compile
+        seconds = min(timing.timeit(lambda: gen.generate(jax.random.key(0), batch), 3))
+        out[name] = {"devices": len(devices), "samples_per_s": batch / seconds}
+    return out
+
+
 def bench_q_sample(config, batch: int = 128) -> dict:
     import jax
     import jax.numpy as jnp
@@ -288,6 +310,7 @@ def main(argv):
         "matmul_peak_problem": {"n": peak_n, "dtype": peak_dtype},
         "train": train_results,
         "sampler": bench_sampler(config),
+        "sharded_sampler": bench_sharded_sampler(config),
         "q_sample": bench_q_sample(config),
     }
     if _DATA.value:
@@ -315,6 +338,10 @@ def main(argv):
     rows.append((f"sampler, {s['num_steps']} steps x {s['batch']}",
                  f"scan {s['scan_samples_per_s']:.0f} samples/s vs Python loop "
                  f"{s['python_loop_samples_per_s']:.0f} ({s['scan_speedup']:.2f}x)"))
+    g = results["sharded_sampler"]
+    rows.append((f"evaluation sampler, {g['num_steps']} steps x {g['batch']}, 1 vs {g['all_devices']['devices']} "
+                 "devices", f"{g['one_device']['samples_per_s']:.0f} vs {g['all_devices']['samples_per_s']:.0f} "
+                 "samples/s"))
     q = results["q_sample"]
     rows.append(("q_sample t=1 vs t=T", f"{q['t_1']['flops']:.0f} vs {q['t_T']['flops']:.0f} flops, "
                                        f"{q['t_1']['us']:.0f} vs {q['t_T']['us']:.0f} µs"))

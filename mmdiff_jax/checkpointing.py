@@ -48,6 +48,14 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    @staticmethod
+    def newest_saved_step(workdir: str) -> int | None:
+        """The newest finished step directory in workdir/checkpoints, read from the listing alone (no restore, no
+        manager; orbax writes a step under a temporary name and renames it when complete)."""
+        directory = os.path.join(workdir, "checkpoints")
+        steps = [int(d) for d in os.listdir(directory) if d.isdigit()] if os.path.isdir(directory) else []
+        return max(steps, default=None)
+
     def save(self, step: int, state: Any, data_state: dict, meta: dict) -> None:
         self.manager.save(
             step,

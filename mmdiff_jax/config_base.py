@@ -110,6 +110,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.eval.guidance_intervals = ()
     c.eval.head_probe_steps = ()  # steps t in 1..T: label / mask head accuracy on held-out z_t, with and without it
     c.eval.inpainting_counts = ()  # inpaint held-out images with these numbers of squares (data.masking.square)
+    # a joint masked-image model also keeps the known pixels at every reverse step (replacement), not only through
+    # the masked image's shift
+    c.eval.inpainting_replace_known = True
     return c
 
 

@@ -31,7 +31,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from mmdiff_jax import metrics_writer, objective, parallel
+from mmdiff_jax import checkpointing, metrics_writer, objective, parallel
 from mmdiff_jax.errors import UserError
 from mmdiff_jax import sample as sample_lib
 from mmdiff_jax.data import masking, sources, vectors
@@ -55,13 +55,19 @@ def evaluate(config, workdir: str, tagged: bool = False) -> dict:
     (`tagged=True`) writes eval_<tag>.json and samples/<tag>/, the tag being `eval.tag` or `step<S>_seed<K>`
     (checkpoint step, sample.seed); an existing tagged result is never replaced (a one-line error says so)."""
     start = time.perf_counter()
+
+    def outputs(step):  # checked before the restore (fast) and after it (the step restored may be an older one)
+        tag = config.eval.tag or (f"step{step}_seed{config.sample.seed}" if tagged else "")
+        json_path, out_dir = output_paths(workdir, tag)
+        if tag and (os.path.exists(json_path) or os.path.exists(out_dir)):
+            raise UserError(f"{json_path} (or {out_dir}) exists from an earlier evaluation; to keep both, pass "
+                            "--config.eval.tag=<new name> (or another --config.sample.seed); to redo it, delete them.")
+        return tag, json_path, out_dir
+
+    outputs(checkpointing.Checkpointer.newest_saved_step(workdir))
     gen = sample_lib.load_generator(config, workdir)
+    tag, json_path, out_dir = outputs(gen.step)
     config = gen.config  # its shapes resolved from the data
-    tag = config.eval.tag or (f"step{gen.step}_seed{config.sample.seed}" if tagged else "")
-    json_path, out_dir = output_paths(workdir, tag)
-    if tag and (os.path.exists(json_path) or os.path.exists(out_dir)):
-        raise UserError(f"{json_path} (or {out_dir}) exists from an earlier evaluation; to keep both, pass "
-                        "--config.eval.tag=<new name> (or another --config.sample.seed); to redo it, delete them.")
     logging.info("Evaluating step %d: results to %s, samples to %s", gen.step, json_path, out_dir)
     train_src = sources.for_eval(config, "train", workdir)
     test_src = sources.for_eval(config, "test", workdir)
@@ -202,9 +208,10 @@ def _inpainting_metrics(config, gen, key, test_src, out_dir) -> dict:
     `data.masking.square`, for each count in `eval.inpainting_counts`; the unmasked pixels are kept.
 
     How the model fills in follows from its modalities: with the masked image as a modality (`data.masking.into`),
-    the model generates the full image given it (joint model: the image given the masked image; the
-    reconstruction-only baseline, whose primary is the masked image: its head's full image). A model without one
-    (image-only) inpaints by replacement (`samplers.sample(known_pixels=...)`).
+    the model generates the full image given it (joint model: the image given the masked image, and with
+    `eval.inpainting_replace_known` its known pixels replaced at every reverse step as well; the reconstruction-only
+    baseline, whose primary is the masked image: its head's full image). A model without one (image-only) inpaints by
+    replacement alone (`samplers.sample(known_pixels=...)`).
     Per count: the masked fraction, masked-region MSE (mean over images), the PSNR of that mean, LPIPS (mean)."""
     spec, mods = config.data.masking, gen.diff.modalities
     truth = test_src.arrays[spec.source]  # [N, H, W, C]
@@ -214,10 +221,12 @@ def _inpainting_metrics(config, gen, key, test_src, out_dir) -> dict:
         holes = masking.held_out_holes(len(truth), truth.shape[1:3], spec.square, count)  # [N, H, W]
         masked_images = masking.apply_holes(truth, holes)
         count_key = jax.random.fold_in(key, 100 + count)
-        if spec.into in mods.names:
-            out = gen.generate(count_key, len(truth), given={spec.into: masked_images})[spec.source]
+        known = np.broadcast_to(~holes[..., None], truth.shape)
+        if spec.into in mods.names:  # given the masked image (its shift), and for a joint model its known pixels too
+            replace = config.eval.inpainting_replace_known and mods.primary.name == spec.source
+            out = gen.generate(count_key, len(truth), given={spec.into: masked_images},
+                               known_pixels=(masked_images, known) if replace else None)[spec.source]
         else:
-            known = np.broadcast_to(~holes[..., None], truth.shape)
             out = gen.generate(count_key, len(truth), known_pixels=(masked_images, known))[mods.primary.name]
         filled = np.where(holes[..., None], out, truth)
         mse = inpainting.masked_mse(filled, truth, holes)

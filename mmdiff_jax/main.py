@@ -70,12 +70,13 @@ def main(argv):
     backend_note = cpu_backend.configure(_CPU_DEVICES.value, _XLA_CPU_TUNED.value)
     cache_note = compilation_cache.configure(_COMPILATION_CACHE_DIR.value)
 
-    from mmdiff_jax import evaluate, parallel, sample, summary, train
+    from mmdiff_jax import evaluate, failure_watch, parallel, sample, summary, train
     from mmdiff_jax.errors import UserError
 
     try:
-        parallel.initialize_distributed(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
-                                        _PROCESS_ID.value)
+        if parallel.initialize_distributed(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
+                                           _PROCESS_ID.value):
+            failure_watch.start(jax.process_index())  # another process's failure ends this one within seconds
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -95,23 +96,39 @@ def main(argv):
             summary.summary(config, workdir)
         else:
             sample.sample(config, workdir)
+        failure_watch.finish()
     except train.Preempted as e:
+        failure_watch.finish()
         logging.warning("Preempted: %s", e)
         print(f"preempted: {e}", file=sys.stderr)
         sys.exit(0)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        _report(at_once, e)
         _exit(2, at_once)
     except OSError as e:  # a file the run cannot read or write (the workdir, the data): the file and the reason
         if e.filename is None:
             raise
         print(f"error: {e.filename}: {e.strerror or e} (check --workdir and the data paths)", file=sys.stderr)
+        _report(at_once, e)
         _exit(2, at_once)
-    except Exception:  # noqa: BLE001 - reported in full, then the process leaves
+    except Exception as e:  # noqa: BLE001 - reported in full, then the process leaves
         if not at_once:
             raise
         logging.exception("Process %d of %d failed", jax.process_index(), jax.process_count())
+        _report(at_once, e)
         _exit(1, at_once)
+
+
+def _report(at_once: bool, error: BaseException) -> None:
+    """In a multi-process run, tell the other processes (they stop within seconds; mmdiff_jax/failure_watch.py)."""
+    if at_once:
+        import jax
+
+        from mmdiff_jax import failure_watch
+
+        failure_watch.report(jax.process_index(), jax.process_count(),
+                             f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
 
 
 def _exit(status: int, at_once: bool) -> None:

@@ -143,6 +143,13 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     return put(tree, jax.tree.map(lambda _: replicated(mesh), tree))
 
 
+def fetch(tree: Any) -> Any:
+    """Global arrays -> numpy arrays of their whole value, in every process (an all-gather across processes)."""
+    if jax.process_count() == 1:
+        return jax.tree.map(np.asarray, tree)
+    return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), tree)
+
+
 def is_main_process() -> bool:
     return jax.process_index() == 0
 

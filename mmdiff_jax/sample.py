@@ -23,7 +23,11 @@ from mmdiff_jax.evaluation import grids
 
 @dataclasses.dataclass
 class Generator:
-    """A trained model ready to sample: graphdef + EMA params + the process."""
+    """A trained model ready to sample: graphdef + EMA params + the process.
+
+    Sampling is sharded like training: each batch is split over every device of every process (`devices`, default
+    all of them), the parameters replicated; every process gets the whole result. With JAX's partitionable
+    threefry RNG the samples are those of one device for the same seed."""
 
     config: Any
     diff: objective.Diffusion
@@ -31,6 +35,15 @@ class Generator:
     params: Any
     step: int
     class_names: Sequence[str] | None = None  # label id -> name (workdir/class_names.json), for captions
+    devices: Sequence[jax.Device] | None = None  # the devices the batch is split over (None: every device)
+
+    @functools.cached_property
+    def mesh(self):
+        return parallel.make_mesh(-1, 1, self.devices)
+
+    @functools.cached_property
+    def _mesh_params(self):
+        return parallel.replicate(self.params, self.mesh)
 
     @functools.cached_property
     def chain(self) -> samplers.SamplingChain:
@@ -49,7 +62,9 @@ class Generator:
         chain = self.chain  # built here, outside the trace
 
         @functools.partial(jax.jit, static_argnames=("batch_size", "has_z0", "guidance"))
-        def run(params, key, known_enc, known_mask, known_z0, known_pixels, present, batch_size, has_z0, guidance):
+        def run(params, key_data, known_enc, known_mask, known_z0, known_pixels, present, batch_size, has_z0,
+                guidance):
+            key = jax.random.wrap_key_data(key_data)
             return samplers.sample(
                 chain, self._predict_fn(params), key, batch_size, latent_shape, method=cfg.sampler,
                 eta=cfg.eta, known_z0=known_z0 if has_z0 else None, known_enc=known_enc, known_mask=known_mask,
@@ -90,21 +105,28 @@ class Generator:
         latent_shape = tuple(self.config.latent_shape)
         n_aux = len(mods.aux)
         known_mask = np.array([m.name in given for m in mods.aux], bool)
-        bs = min(self.config.sample.batch_size, num)
+        width = self.mesh.size  # a batch is a multiple of the devices it is split over
+        bs = -(-min(self.config.sample.batch_size, num) // width) * width
+        rows, whole = parallel.batch_sharding(self.mesh), parallel.replicated(self.mesh)
         outputs: dict[str, list] = {name: [] for name in mods.names}
         for i, start in enumerate(range(0, num, bs)):
             idx = np.minimum(np.arange(start, start + bs), num - 1)  # pad the last batch by repetition
-            part = {k: jnp.asarray(np.asarray(v)[idx]) for k, v in given.items()}
-            known_enc = jnp.zeros((bs, n_aux) + latent_shape, jnp.float32)
+            part = {k: np.asarray(v)[idx] for k, v in given.items()}
+            known_enc = np.zeros((bs, n_aux) + latent_shape, np.float32)
             if n_aux and known_mask.any():
-                known_enc = jnp.stack(
-                    [m.encode(part[m.name]) if m.name in given else jnp.zeros((bs,) + latent_shape)
-                     for m in mods.aux], axis=1)
+                known_enc = np.stack(
+                    [np.asarray(m.encode(jnp.asarray(part[m.name]))) if m.name in given
+                     else np.zeros((bs,) + latent_shape, np.float32) for m in mods.aux], axis=1)
             has_z0 = mods.primary.name in given
-            z0_in = part[mods.primary.name] if has_z0 else jnp.zeros((bs,) + latent_shape, jnp.float32)
-            pixels = None if known_pixels is None else tuple(jnp.asarray(np.asarray(a)[idx]) for a in known_pixels)
-            z0, heads = self._sample_jit(self.params, jax.random.fold_in(key, i), known_enc, jnp.asarray(known_mask),
-                                         z0_in, pixels, present, batch_size=bs, has_z0=has_z0, guidance=guides)
+            z0_in = part[mods.primary.name] if has_z0 else np.zeros((bs,) + latent_shape, np.float32)
+            pixels = None if known_pixels is None else tuple(np.asarray(a)[idx] for a in known_pixels)
+            key_data = jax.random.key_data(jax.random.fold_in(key, i))
+            batch_in = parallel.put((known_enc, z0_in, pixels), jax.tree.map(lambda _: rows, (known_enc, z0_in, pixels)))
+            z0, heads = self._sample_jit(
+                self._mesh_params, parallel.put(key_data, whole), batch_in[0], parallel.put(known_mask, whole),
+                batch_in[1], batch_in[2], None if present is None else parallel.put(present, whole), batch_size=bs,
+                has_z0=has_z0, guidance=guides)
+            z0, heads = parallel.fetch((z0, heads))
             take = min(bs, num - start)
             image = np.asarray(part[mods.primary.name]) if has_z0 else np.clip(np.asarray(z0), -1.0, 1.0)
             outputs[mods.primary.name].append(image[:take])
@@ -146,13 +168,18 @@ def sample(config, workdir: str) -> dict[str, str]:
     """Joint samples and, for each auxiliary label modality, label -> image samples; .npz + PNG in
     workdir/samples/<tag>/, the tag being `eval.tag` or `sample_step<S>_seed<K>` (checkpoint step, sample.seed). An
     existing directory is never written into (a one-line error says so)."""
+    def outputs(step):  # checked before the restore (fast) and after it (the step restored may be an older one)
+        tag = config.eval.tag or f"sample_step{step}_seed{config.sample.seed}"
+        out_dir = os.path.join(workdir, "samples", tag)
+        if os.path.exists(out_dir):
+            raise UserError(f"{out_dir} exists from an earlier --mode sample; to keep both, pass "
+                            "--config.eval.tag=<new name> (or another --config.sample.seed); to redo it, delete it.")
+        return tag, out_dir
+
+    outputs(checkpointing.Checkpointer.newest_saved_step(workdir))
     gen = load_generator(config, workdir)
+    tag, out_dir = outputs(gen.step)
     config = gen.config
-    tag = config.eval.tag or f"sample_step{gen.step}_seed{config.sample.seed}"
-    out_dir = os.path.join(workdir, "samples", tag)
-    if os.path.exists(out_dir):
-        raise UserError(f"{out_dir} exists from an earlier --mode sample; to keep both, pass "
-                        "--config.eval.tag=<new name> (or another --config.sample.seed); to redo it, delete it.")
     os.makedirs(out_dir)
     key = jax.random.key(config.sample.seed)
     written = {}

@@ -17,7 +17,7 @@ import optax
 from absl import logging
 from flax import nnx
 
-from mmdiff_jax import checkpointing, config_check, objective, parallel
+from mmdiff_jax import checkpointing, config_check, failure_watch, objective, parallel
 from mmdiff_jax.errors import UserError
 from mmdiff_jax.data import augment, masking, pipeline, shapes, sources, vectors
 from mmdiff_jax.metrics_writer import MetricWriter
@@ -267,6 +267,7 @@ def train(config, workdir: str, num_steps: int | None = None) -> TrainState:
                 checked = True
             state, metrics = step_fn(state, parallel.to_global_batch(local, mesh))
             step += 1
+            failure_watch.check_injected(jax.process_index(), step)
             at_log_step = step % config.train.log_every == 0 or step == stop_at
             if at_log_step:
                 metrics = jax.device_get(metrics)

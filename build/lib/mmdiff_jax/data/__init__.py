@@ -1,0 +1,1 @@
+"""Data: embedded sources (no downloads) and grain pipelines."""

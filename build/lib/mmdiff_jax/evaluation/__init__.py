@@ -1,0 +1,1 @@
+"""Evaluation pieces: the evaluator network, feature-space metrics, PNG grids."""

@@ -1,0 +1,149 @@
+"""From a config to the training objective: the modalities, the schedule, and the batch -> loss function.
+
+Data flows one way: batch {modality: array} -> encoders -> q_sample -> denoiser -> heads -> loss terms.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmdiff_jax import modalities as modalities_lib
+from mmdiff_jax.diffusion import losses, process, schedules
+
+
+@dataclasses.dataclass(frozen=True)
+class Diffusion:
+    """Everything about the process that is fixed by the config; hashable host data plus the device `Schedule`."""
+
+    modalities: modalities_lib.ModalitySet
+    sched: schedules.Schedule
+    betas: np.ndarray  # float64 [T]
+    weights: np.ndarray  # float64 [T, N]
+    loss_weights: Mapping[str, float]
+    bin_width: float | None  # spacing of the primary's discrete data grid, for the decoder likelihood
+    denoiser_output: str = "eps"  # what the backbone's output is (see `predict`)
+
+    @property
+    def num_steps(self) -> int:
+        return self.sched.num_steps
+
+
+def modality_specs(config) -> list[modalities_lib.ModalitySpec]:
+    """`config.modalities` (name -> fields) as specs, primary first, then the others sorted by name."""
+    mods = config.modalities
+    if config.primary not in mods:
+        raise modalities_lib.ModalityError(
+            f"primary: {config.primary!r} is not one of the configured modalities {sorted(mods)}."
+        )
+    names = [config.primary] + sorted(n for n in mods if n != config.primary)
+    specs = []
+    allowed = {f.name for f in dataclasses.fields(modalities_lib.ModalitySpec)} - {"name"}
+    for name in names:
+        fields = dict(mods[name])
+        unknown = sorted(set(fields) - allowed)
+        if unknown:
+            raise modalities_lib.ModalityError(f"modalities.{name}: unknown field(s) {unknown}; allowed: {sorted(allowed)}.")
+        if "shape" in fields:
+            fields["shape"] = tuple(fields["shape"])
+        specs.append(modalities_lib.ModalitySpec(name=name, **fields))
+    return specs
+
+
+def build_diffusion(config) -> Diffusion:
+    """The modalities and the schedule of a config (checks the prior; errors name the config field)."""
+    mods = modalities_lib.build_modalities(modality_specs(config), tuple(config.latent_shape))
+    dcfg = config.diffusion
+    betas = schedules.make_betas(dcfg.beta_schedule, dcfg.num_steps)
+    weights = schedules.make_weights(betas, mods.weight_specs())
+    try:
+        sched = schedules.make_schedule(betas, weights, prior_tol=dcfg.prior_tol)
+    except schedules.ScheduleError as e:
+        raise schedules.ScheduleError(f"{e} (config: diffusion.* and modalities.*.weight_schedule/weight_scale)") from None
+    return Diffusion(
+        modalities=mods, sched=sched, betas=betas, weights=weights,
+        loss_weights=losses.check_loss_weights(dict(dcfg.loss_weights)),
+        bin_width=dcfg.get("bin_width", None),
+        denoiser_output=dcfg.get("denoiser_output", "eps"),
+    )
+
+
+DENOISER_OUTPUTS = ("eps", "composite")
+
+
+def predict(model, diff: Diffusion, zt: jax.Array, t: jax.Array, present: jax.Array | None = None,
+            dropout_key: jax.Array | None = None):
+    """The reverse model at (z_t [B, *S], t [B]): (ε̂ [B, *S], ê [B, N, *S], {aux name: head output}).
+
+    `present` [B, N] (models trained with modality dropout): a dropped modality does not drive the process, so its
+    ê is zero. `diff.denoiser_output` says what the backbone's output r is:
+      'eps'        r = ε̂ (SPEC §1): the backbone alone must also subtract the auxiliary codes' share of z_t;
+      'composite'  r predicts the composite noise (z_t - abar_t z_0) / s_t = ε + sum_i c_t(i) e_i / s_t, and
+                   ε̂ = r - sum_i c_t(i) ê_i / s_t, the codes' share explained by the heads' expected encodings.
+    Both give the same ẑ_0 formula and loss terms; 'composite' spares a convolutional backbone from reproducing
+    each code's pattern pixel by pixel (ẑ_0 = (z_t - s_t r) / abar_t depends on r alone).
+    """
+    if dropout_key is not None and getattr(model, "takes_dropout_key", False):  # a backbone with dropout (ADM)
+        out, heads = model(zt, t, present, dropout_key=dropout_key)
+    else:
+        out, heads = model(zt, t, present)
+    mods = diff.modalities
+    enc_hat = mods.expected_encodings(heads, zt.shape[0])
+    if present is not None:
+        enc_hat = enc_hat * _per_modality(present.astype(enc_hat.dtype), enc_hat)
+    if diff.denoiser_output == "composite":
+        shift = process.mix_modalities(diff.sched.c, t, enc_hat)
+        return out - shift / process.per_example(diff.sched.s, t, zt), enc_hat, heads
+    return out, enc_hat, heads
+
+
+def compute_loss(model, diff: Diffusion, batch: Mapping[str, jax.Array], key: jax.Array):
+    """The training loss of one batch. Returns (scalar, metrics dict)."""
+    mods = diff.modalities
+    z0 = batch[mods.primary.name].astype(jnp.float32)  # [B, *S]
+    batch_size = z0.shape[0]
+    enc = mods.encode(batch)  # [B, N, *S]
+    t_key, eps_key = jax.random.split(key)
+    t = process.sample_timesteps(t_key, batch_size, diff.num_steps)  # [B]
+    eps = jax.random.normal(eps_key, z0.shape, jnp.float32)
+    present = None  # [B, N]: modality dropout (static shapes: a mask, never a different batch)
+    if mods.conditions_on_presence:
+        rates = jnp.asarray(mods.dropout_rates(), jnp.float32)
+        present = (jax.random.uniform(jax.random.fold_in(key, 2), (batch_size, len(mods.aux))) >= rates)
+        present = present.astype(jnp.float32)
+        enc = enc * _per_modality(present, enc)  # a dropped modality does not drive the forward process
+    zt = process.q_sample(diff.sched, t, z0, enc, eps)
+    eps_hat, enc_hat, head_outs = predict(model, diff, zt, t, present, dropout_key=jax.random.fold_in(key, 3))
+    aux_nll = mods.nlls(head_outs, batch, batch_size)
+    trained = jnp.ones_like(aux_nll)  # [B, N]: the examples each head is trained on
+    if present is not None:
+        # a dropped modality's head is not trained on it, unless asked to (then it reads the primary alone)
+        trained = jnp.maximum(present, jnp.asarray(mods.head_loss_when_dropped(), jnp.float32))
+        aux_nll = aux_nll * trained
+    terms = losses.loss_terms(diff.sched, t, z0, enc, eps, eps_hat, enc_hat, aux_nll, mods.loss_weights(),
+                              diff.bin_width)
+    loss, metrics = losses.training_loss(terms, diff.loss_weights)
+    per_modality = jnp.sum(aux_nll, axis=0) / jnp.maximum(jnp.sum(trained, axis=0), 1.0)  # [N], over trained ones
+    for i, m in enumerate(mods.aux):
+        metrics[f"nll/{m.name}"] = per_modality[i]
+    return loss, metrics
+
+
+def _per_modality(present: jax.Array, like: jax.Array) -> jax.Array:
+    """present [B, N] broadcast against [B, N, *S]."""
+    return present.reshape(present.shape + (1,) * (like.ndim - 2))
+
+
+def describe(diff: Diffusion) -> dict[str, Any]:
+    """A JSON-able summary for logs."""
+    return {
+        "num_steps": diff.num_steps,
+        "modalities": diff.modalities.names,
+        "prior_kl_nats_per_dim": diff.sched.prior_kl,
+        "peak_c": [float(np.max(np.abs(col))) for col in schedules.compute_coefficients(
+            np.sqrt(1 - diff.betas), diff.weights, diff.betas).c.T],
+    }

@@ -1,0 +1,203 @@
+"""Sampling entry: restore the EMA parameters from a workdir and generate every modality jointly or conditionally
+(any given modality enters the reverse process with its true encoding). Writes .npz files and PNG grids."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from mmdiff_jax import checkpointing, config_check, metrics_writer, objective, parallel, train
+from mmdiff_jax.data import shapes
+from mmdiff_jax.diffusion import samplers
+from mmdiff_jax.errors import UserError
+from mmdiff_jax.evaluation import grids
+
+
+@dataclasses.dataclass
+class Generator:
+    """A trained model ready to sample: graphdef + EMA params + the process."""
+
+    config: Any
+    diff: objective.Diffusion
+    graphdef: Any
+    params: Any
+    step: int
+    class_names: Sequence[str] | None = None  # label id -> name (workdir/class_names.json), for captions
+
+    @functools.cached_property
+    def chain(self) -> samplers.SamplingChain:
+        return samplers.respace(self.diff.betas, self.diff.weights, self.config.sample.num_steps)
+
+    def _predict_fn(self, params):
+        def predict(zt, t, present=None):
+            return objective.predict(nnx.merge(self.graphdef, params), self.diff, zt, t, present)
+
+        return predict
+
+    @functools.cached_property
+    def _sample_jit(self):
+        cfg = self.config.sample
+        latent_shape = tuple(self.config.latent_shape)
+        chain = self.chain  # built here, outside the trace
+
+        @functools.partial(jax.jit, static_argnames=("batch_size", "has_z0", "guidance"))
+        def run(params, key, known_enc, known_mask, known_z0, known_pixels, present, batch_size, has_z0, guidance):
+            return samplers.sample(
+                chain, self._predict_fn(params), key, batch_size, latent_shape, method=cfg.sampler,
+                eta=cfg.eta, known_z0=known_z0 if has_z0 else None, known_enc=known_enc, known_mask=known_mask,
+                clip_z0=cfg.clip_z0, known_pixels=known_pixels, present=present, guidance=guidance,
+            )
+
+        return run
+
+    def generate(self, key: jax.Array, num: int, given: Mapping[str, np.ndarray] | None = None,
+                 known_pixels: tuple[np.ndarray, np.ndarray] | None = None, absent: Sequence[str] = (),
+                 guidance: Mapping[str, float] | None = None,
+                 guidance_interval: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+        """Generate `num` examples of every modality; `given` maps modality names to data of the given ones.
+        `known_pixels` = (images [num, *S], known [num, *S] bool) inpaints the primary by replacement (see
+        `samplers.sample`). For a model trained with modality dropout: `absent` names auxiliary modalities left out
+        of the process (marginal generation), and `guidance` maps given modalities to classifier-free guidance
+        weights (default `sample.guidance`), applied for training steps t in `guidance_interval` = (t_min, t_max)
+        (default `sample.guidance_interval`).
+
+        Returns {modality name: data} for every modality (the given ones are passed through; absent ones are the
+        heads' outputs, which were not used).
+        """
+        given = dict(given or {})
+        mods = self.diff.modalities
+        aux_names = [m.name for m in mods.aux]
+        unknown = sorted((set(given) - set(mods.names)) | (set(absent) - set(aux_names)))
+        if unknown:
+            raise ValueError(f"given or absent modalities {unknown} are not among the model's {mods.names}.")
+        guides = self._guidance(dict(self.config.sample.guidance) if guidance is None else dict(guidance),
+                                tuple(self.config.sample.guidance_interval) if guidance_interval is None
+                                else tuple(guidance_interval))
+        present = None
+        if absent or guides:
+            if not mods.conditions_on_presence:
+                raise UserError("absent modalities and guidance need a model trained with modality dropout "
+                                "(modalities.<name>.dropout > 0).")
+            present = jnp.asarray([name not in absent for name in aux_names])
+        latent_shape = tuple(self.config.latent_shape)
+        n_aux = len(mods.aux)
+        known_mask = np.array([m.name in given for m in mods.aux], bool)
+        bs = min(self.config.sample.batch_size, num)
+        outputs: dict[str, list] = {name: [] for name in mods.names}
+        for i, start in enumerate(range(0, num, bs)):
+            idx = np.minimum(np.arange(start, start + bs), num - 1)  # pad the last batch by repetition
+            part = {k: jnp.asarray(np.asarray(v)[idx]) for k, v in given.items()}
+            known_enc = jnp.zeros((bs, n_aux) + latent_shape, jnp.float32)
+            if n_aux and known_mask.any():
+                known_enc = jnp.stack(
+                    [m.encode(part[m.name]) if m.name in given else jnp.zeros((bs,) + latent_shape)
+                     for m in mods.aux], axis=1)
+            has_z0 = mods.primary.name in given
+            z0_in = part[mods.primary.name] if has_z0 else jnp.zeros((bs,) + latent_shape, jnp.float32)
+            pixels = None if known_pixels is None else tuple(jnp.asarray(np.asarray(a)[idx]) for a in known_pixels)
+            z0, heads = self._sample_jit(self.params, jax.random.fold_in(key, i), known_enc, jnp.asarray(known_mask),
+                                         z0_in, pixels, present, batch_size=bs, has_z0=has_z0, guidance=guides)
+            take = min(bs, num - start)
+            image = np.asarray(part[mods.primary.name]) if has_z0 else np.clip(np.asarray(z0), -1.0, 1.0)
+            outputs[mods.primary.name].append(image[:take])
+            for m in mods.aux:
+                value = np.asarray(part[m.name]) if m.name in given else np.asarray(m.decode(heads[m.name]))
+                outputs[m.name].append(value[:take])
+        return {k: np.concatenate(v, axis=0) for k, v in outputs.items()}
+
+    def _guidance(self, weights: Mapping[str, float], interval: tuple[int, int]) -> tuple[samplers.Guidance, ...]:
+        """{aux modality name: weight} (zero weights dropped) -> the samplers' Guidance for t in interval."""
+        aux_names = [m.name for m in self.diff.modalities.aux]
+        bad = sorted(set(weights) - set(aux_names))
+        if bad:
+            raise UserError(f"sample.guidance: {bad} are not auxiliary modalities of the model ({aux_names}).")
+        low, high = interval
+        return tuple(samplers.Guidance(aux_names.index(name), float(w), int(low), int(high))
+                     for name, w in sorted(weights.items()) if float(w) != 0.0)
+
+
+def load_generator(config, workdir: str) -> Generator:
+    """Restore the latest checkpoint's EMA parameters; a missing checkpoint is a clear error."""
+    config = shapes.resolve(config)
+    config_check.validate(config)
+    diff = objective.build_diffusion(config)
+    graphdef, params = train.create_model(config, diff)
+    tx = train.make_optimizer(config.optim, config.train.num_steps)
+    template = train.initial_state(config, params, tx)
+    ckpt = checkpointing.Checkpointer(workdir, config.train.keep_checkpoints)
+    restored = ckpt.restore_latest(template, train.model_meta(config, template))
+    if restored is None:
+        raise UserError(f"no checkpoint in {ckpt.directory}: train first (--mode train) with this --workdir.")
+    state, _, step = restored
+    logging.info("Sampling with the EMA parameters of step %d", step)
+    return Generator(config=config, diff=diff, graphdef=graphdef, params=state.ema_params, step=step,
+                     class_names=train.read_class_names(workdir))
+
+
+def sample(config, workdir: str) -> dict[str, str]:
+    """Joint samples and, for each auxiliary label modality, label -> image samples; .npz + PNG in
+    workdir/samples/<tag>/, the tag being `eval.tag` or `sample_step<S>_seed<K>` (checkpoint step, sample.seed). An
+    existing directory is never written into (a one-line error says so)."""
+    gen = load_generator(config, workdir)
+    config = gen.config
+    tag = config.eval.tag or f"sample_step{gen.step}_seed{config.sample.seed}"
+    out_dir = os.path.join(workdir, "samples", tag)
+    if os.path.exists(out_dir):
+        raise UserError(f"{out_dir} exists from an earlier --mode sample; to keep both, pass "
+                        "--config.eval.tag=<new name> (or another --config.sample.seed); to redo it, delete it.")
+    os.makedirs(out_dir)
+    key = jax.random.key(config.sample.seed)
+    written = {}
+    joint = gen.generate(jax.random.fold_in(key, 0), 100)
+    written["joint"] = write_samples(out_dir, "joint", joint, gen)
+    for m in gen.diff.modalities.aux:
+        if m.kind == "label":
+            labels = np.repeat(np.arange(m.spec.num_classes, dtype=np.int32), 10)
+            cond = gen.generate(jax.random.fold_in(key, 1), len(labels), given={m.name: labels})
+            written[f"{m.name}_to_image"] = write_samples(out_dir, f"{m.name}_to_image", cond, gen,
+                                                          sort_grid_by_label=True)
+    if parallel.is_main_process():
+        metrics_writer.write_evaluation(workdir, gen.step, tag, {}, grid_files(out_dir))
+    logging.info("Wrote %s to %s", ", ".join(sorted(written)), out_dir)
+    return written
+
+
+def grid_files(out_dir: str) -> dict[str, str]:
+    """The PNG grids in `out_dir`: name (file name without .png) -> path."""
+    return {f[:-4]: os.path.join(out_dir, f) for f in sorted(os.listdir(out_dir)) if f.endswith(".png")}
+
+
+def write_samples(out_dir: str, name: str, data: Mapping[str, np.ndarray], gen: Generator,
+                  sort_grid_by_label: bool = False, grid_count: int = 100) -> str:
+    """All of `data` to `<name>.npz`; the first `grid_count` images to `<name>.png`, captioned with (and optionally
+    ordered by) the first label modality, and each mask modality's masks to `<name>_<mask>.png` in the same order.
+    Returns the .npz path."""
+    path = os.path.join(out_dir, f"{name}.npz")
+    if not parallel.is_main_process():  # every process computes the same samples; process 0 writes them
+        return path
+    np.savez(path, **data)
+    mods = gen.diff.modalities
+    images = data[mods.primary.name][:grid_count]
+    order, captions = np.arange(len(images)), None
+    label_mods = [m for m in mods.aux if m.kind == "label"]
+    if label_mods:
+        labels = data[label_mods[0].name][:grid_count]
+        if sort_grid_by_label:
+            order = np.argsort(labels, kind="stable")
+        names = gen.class_names
+        captions = [names[int(v)] if names else str(int(v)) for v in labels[order]]
+    grids.save_grid(os.path.join(out_dir, f"{name}.png"), images[order], captions)
+    for m in mods.aux:
+        if m.kind == "mask":  # class ids as grey levels, same order as the images
+            ids = data[m.name][:grid_count][order]
+            grey = (2.0 * ids / max(m.spec.num_classes - 1, 1) - 1.0).astype(np.float32)[..., None]
+            grids.save_grid(os.path.join(out_dir, f"{name}_{m.name}.png"), grey, captions)
+    return path
