@@ -1,1 +1,0 @@
-"""Data: embedded sources (no downloads) and grain pipelines."""

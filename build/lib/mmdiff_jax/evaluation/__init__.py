@@ -1,1 +1,0 @@
-"""Evaluation pieces: the evaluator network, feature-space metrics, PNG grids."""
