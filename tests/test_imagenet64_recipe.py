@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mmdiff_jax.configs import imagenet64_image_label, imagenet64_image_only
+from mmdiff_jax.configs import imagenet64_image_label, imagenet64_image_only, imagenet64_masked_image
 from mmdiff_jax import objective, summary, train
 from mmdiff_jax.models.mt_diffusion import MTDiffusion
 from mmdiff_jax.data import prepare
@@ -36,11 +36,26 @@ def _smoke(path):
     return c
 
 
-def test_smoke_recipe_trains_on_prepared_npz(shards, tmp_path):
-    state = jax.device_get(train.train(_smoke(shards), str(tmp_path)))
-    assert int(state.step) == 3 and int(state.skipped) == 0
+def test_smoke_recipe_trains_on_prepared_npz_with_a_falling_loss(shards, tmp_path):
+    config = _smoke(shards)
+    config.train.num_steps = 16
+    state = jax.device_get(train.train(config, str(tmp_path)))
+    assert int(state.step) == 16 and int(state.skipped) == 0
     info = json.load(open(os.path.join(shards, "info.json")))
     assert info["splits"]["train"]["count"] == 40 and info["num_classes"] == 1000
+    with open(os.path.join(str(tmp_path), "metrics.jsonl")) as f:
+        l0 = [json.loads(line)["loss/l0"] for line in f]
+    assert len(l0) == 16
+    # the zero-initialised output predicts ε̂ = 0 (noise matching 1.0 at the first step); it learns within 16 steps
+    assert abs(l0[0] - 1.0) < 0.2 and np.mean(l0[-4:]) < 0.85 * l0[0], l0
+
+
+def test_masked_image_smoke_trains_with_the_label(shards, tmp_path):
+    config = imagenet64_masked_image.get_config("label_smoke")
+    config.data.source_kwargs.path = shards
+    state = jax.device_get(train.train(config, str(tmp_path)))
+    assert int(state.step) == 3 and int(state.skipped) == 0
+    assert sorted(state.params["heads"].keys()) == ["label", "masked"]
 
 
 def test_summary_counts_flops_and_memory_without_allocating(shards, tmp_path):
@@ -55,7 +70,7 @@ def test_summary_counts_flops_and_memory_without_allocating(shards, tmp_path):
     assert result["latent_shape"] == [16, 16, 3] and result["devices"] == jax.device_count()
 
 
-@pytest.mark.parametrize("module", [imagenet64_image_label, imagenet64_image_only])
+@pytest.mark.parametrize("module", [imagenet64_image_label, imagenet64_image_only, imagenet64_masked_image])
 def test_full_configs_have_the_adm_imagenet64_backbone(module):
     """The ImageNet-64 configs (joint, and the unconditional ADM baseline), with no data anywhere, built abstractly:
     ADM's 295,131,267 backbone parameters; the baseline has nothing else."""
@@ -65,6 +80,8 @@ def test_full_configs_have_the_adm_imagenet64_backbone(module):
     assert sum(x.size for x in jax.tree.leaves(nnx.state(model.backbone, nnx.Param))) == 295_131_267
     total = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     assert (total == 295_131_267) == (module is imagenet64_image_only)
+    if module is imagenet64_masked_image:  # the masked image's per-pixel head on the full-resolution features
+        assert set(diff.modalities.names) == {"image", "masked"}
 
 
 def test_smoke_recipe_under_fsdp_equals_data_parallel(shards, tmp_path):
