@@ -2,8 +2,8 @@
 
 Without this, the others wait in a collective for the failed process (gloo's deadline, or for good on an
 accelerator) and then in `jax.distributed`'s shutdown barrier (300 s). The failing process writes one line into JAX's
-own distributed key-value store (`report`); a daemon thread in every process (`start`) blocks on that key and, when
-it appears, logs it and leaves at once (exit 1). If the store itself becomes unreachable (process 0, which hosts it,
+own distributed key-value store (`report`); a daemon thread in every process (`start`) reads that key every two
+seconds and, when it appears, logs it and leaves at once (exit 1). If the store itself becomes unreachable (process 0, which hosts it,
 died), the thread leaves the same way, saying so.
 
 Tests inject a failure with the environment variable MMDIFF_JAX_FAIL_AT=<process>:<step> (`check_injected`).
@@ -18,7 +18,7 @@ import threading
 from absl import logging
 
 KEY = "mmdiff_jax/failed"
-POLL_MS = 2000
+POLL_S = 2.0
 _finished = threading.Event()  # this process is done (normal exit or preemption): the watch ends quietly
 
 
@@ -38,13 +38,14 @@ def start(process_index: int) -> bool:
         return False
 
     def watch():
-        while True:
+        # a non-blocking read every POLL_S seconds: a blocking read could hold the interpreter lock while it waits
+        while not _finished.wait(POLL_S):
             try:
-                report = client.blocking_key_value_get(KEY, POLL_MS)
-            except Exception as e:  # noqa: BLE001 - a timeout means no report yet; anything else, no store
+                report = client.key_value_try_get(KEY)
+            except Exception as e:  # noqa: BLE001 - not found means no report yet; anything else, no store
                 if _finished.is_set():
                     return
-                if "DEADLINE_EXCEEDED" in str(e) or "timed out" in str(e).lower():
+                if "NOT_FOUND" in str(e) or "not found" in str(e).lower():
                     continue
                 report = f"the coordination service (hosted by process 0) is unreachable: {str(e).splitlines()[0]}"
             if report.startswith(f"process {process_index} ") or _finished.is_set():
@@ -62,14 +63,23 @@ def finish() -> None:
 
 
 def report(process_index: int, process_count: int, message: str) -> None:
-    """Tell every process that this one failed (best effort: the store may be gone already)."""
+    """Tell every process that this one failed (best effort: the store may be gone already). If another process
+    reported first, this failure is most likely its consequence (a collective that lost its peer): say which."""
     client = _client()
     if client is None:
         return
     try:
         client.key_value_set(KEY, f"process {process_index} of {process_count} failed: {message}")
     except Exception as e:  # noqa: BLE001
-        logging.warning("Could not report the failure to the other processes: %s", e)
+        try:
+            first = client.key_value_try_get(KEY)
+        except Exception:  # noqa: BLE001
+            first = None
+        if first and not first.startswith(f"process {process_index} "):
+            logging.error("stopping process %d: %s", process_index, first)
+            print(f"error: stopping process {process_index}: {first}", file=sys.stderr)
+        else:
+            logging.warning("Could not report the failure to the other processes: %s", e)
 
 
 def check_injected(process_index: int, step: int) -> None:

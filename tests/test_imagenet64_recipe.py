@@ -37,25 +37,21 @@ def _smoke(path):
 
 
 def test_smoke_recipe_trains_on_prepared_npz_with_a_falling_loss(shards, tmp_path):
-    config = _smoke(shards)
+    """The masked-image config with the label (ADM, three modalities) on the prepared npz shards."""
+    config = imagenet64_masked_image.get_config("label_smoke")
+    config.data.source_kwargs.path = shards
     config.train.num_steps = 16
     state = jax.device_get(train.train(config, str(tmp_path)))
     assert int(state.step) == 16 and int(state.skipped) == 0
+    assert sorted(state.params["heads"].keys()) == ["label", "masked"]
     info = json.load(open(os.path.join(shards, "info.json")))
     assert info["splits"]["train"]["count"] == 40 and info["num_classes"] == 1000
     with open(os.path.join(str(tmp_path), "metrics.jsonl")) as f:
         l0 = [json.loads(line)["loss/l0"] for line in f]
     assert len(l0) == 16
-    # the zero-initialised output predicts ε̂ = 0 (noise matching 1.0 at the first step); it learns within 16 steps
-    assert abs(l0[0] - 1.0) < 0.2 and np.mean(l0[-4:]) < 0.85 * l0[0], l0
-
-
-def test_masked_image_smoke_trains_with_the_label(shards, tmp_path):
-    config = imagenet64_masked_image.get_config("label_smoke")
-    config.data.source_kwargs.path = shards
-    state = jax.device_get(train.train(config, str(tmp_path)))
-    assert int(state.step) == 3 and int(state.skipped) == 0
-    assert sorted(state.params["heads"].keys()) == ["label", "masked"]
+    # the zero-initialised output predicts ε̂ = 0 (noise matching 1.0 at the first step); at the smoke recipe's
+    # constant 1e-3 it falls by about a tenth in 16 steps
+    assert abs(l0[0] - 1.0) < 0.05 and np.mean(l0[-4:]) < 0.95 * np.mean(l0[:4]), l0
 
 
 def test_summary_counts_flops_and_memory_without_allocating(shards, tmp_path):
