@@ -160,26 +160,25 @@ def test_each_process_block_of_the_pipeline_is_its_rows_of_the_global_batch():
         pipeline.train_iterator(src, 16, 0, 0, 3)
 
 
-def test_a_failing_process_exits_at_once_instead_of_waiting_for_the_others(tmp_path):
-    """Process 1 fails (a bad config, after jax.distributed has started) while process 0 trains on. Process 1 exits
-    with its error at once, not waiting in jax.distributed's shutdown for a process that will never get there, and
-    its report stops process 0 too."""
+def _two_processes_one_failing(tmp_path, extra_env: dict, process_1_args: list[str]):
+    """Process 0 trains tiny for good; process 1 is set up to fail. Returns (process 1's status, process 0's status,
+    seconds process 0 outlived process 1, both logs); a process still running 60 s after process 1 is killed."""
     with socket.socket() as s:  # a free port for the coordinator
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", **extra_env)
     common = ["--config", os.path.join(REPO, "mmdiff_jax", "configs", "tiny.py"), "--workdir", str(tmp_path / "run"),
               "--eval_after_train=false", "--cpu_devices=1", f"--coordinator_address=127.0.0.1:{port}",
-              "--num_processes=2", "--config.train.num_steps=100000"]
+              "--num_processes=2", "--config.train.num_steps=100000", "--config.train.log_every=1000"]
     logs = [tmp_path / f"process_{i}.log" for i in range(2)]
     procs = []
     for i, log in enumerate(logs):
         with open(log, "w") as out:  # the child keeps its own copy of the file descriptor
             procs.append(subprocess.Popen([sys.executable, "-m", "mmdiff_jax.main", *common, f"--process_id={i}",
-                                           *(["--config.data.global_batch_size=-3"] if i == 1 else [])],
+                                           *(process_1_args if i == 1 else [])],
                                           cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT))
     try:
-        status = procs[1].wait(timeout=120)
+        failed = procs[1].wait(timeout=240)  # start-up and compilation, then the failure
         failed_at = time.monotonic()
         other = procs[0].wait(timeout=60)  # stopped by its failure watch, not by a launcher
         waited = time.monotonic() - failed_at
@@ -187,8 +186,15 @@ def test_a_failing_process_exits_at_once_instead_of_waiting_for_the_others(tmp_p
         for p in procs:
             p.kill()
             p.wait()
-    text = [log.read_text() for log in logs]
-    assert status == 2, text[1][-3000:]
+    return failed, other, waited, [log.read_text() for log in logs]
+
+
+def test_a_failing_process_exits_at_once_instead_of_waiting_for_the_others(tmp_path):
+    """Process 1 fails (a bad config, after jax.distributed has started) while process 0 trains on. Process 1 exits
+    with its error at once, not waiting in jax.distributed's shutdown for a process that will never get there, and
+    its report stops process 0 too."""
+    failed, other, waited, text = _two_processes_one_failing(tmp_path, {}, ["--config.data.global_batch_size=-3"])
+    assert failed == 2, text[1][-3000:]
     assert "data.global_batch_size" in text[1] and "process 1 of 2" in text[1]
     assert other == 1 and "process 1 of 2 failed: ConfigError" in text[0], text[0][-3000:]
     assert waited < 60
@@ -196,31 +202,10 @@ def test_a_failing_process_exits_at_once_instead_of_waiting_for_the_others(tmp_p
 
 def test_a_failure_in_one_process_ends_every_process_within_a_minute(tmp_path):
     """Process 1 raises at step 3 (MMDIFF_JAX_FAIL_AT). It reports the failure through jax.distributed's key-value
-    store and exits; process 0, blocked in a collective, is stopped by its failure watch within seconds, and says
-    which process failed. Both exit non-zero well within 60 s, without any launcher killing them."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", MMDIFF_JAX_FAIL_AT="1:3")
-    common = ["--config", os.path.join(REPO, "mmdiff_jax", "configs", "tiny.py"), "--workdir", str(tmp_path / "run"),
-              "--eval_after_train=false", "--cpu_devices=1", f"--coordinator_address=127.0.0.1:{port}",
-              "--num_processes=2", "--config.train.num_steps=100000", "--config.train.log_every=1000"]
-    logs = [tmp_path / f"process_{i}.log" for i in range(2)]
-    procs = []
-    for i, log in enumerate(logs):
-        with open(log, "w") as out:
-            procs.append(subprocess.Popen([sys.executable, "-m", "mmdiff_jax.main", *common, f"--process_id={i}"],
-                                          cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT))
-    try:
-        failed = procs[1].wait(timeout=240)  # start-up and compilation, then three steps
-        failed_at = time.monotonic()
-        other = procs[0].wait(timeout=60)
-        waited = time.monotonic() - failed_at
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait()
-    text = [log.read_text() for log in logs]
+    store and exits; process 0, blocked in a collective, is stopped within seconds (by its failure watch, or by its
+    broken collective after the report) and says which process failed. Both exit non-zero well within 60 s, without
+    any launcher killing them."""
+    failed, other, waited, text = _two_processes_one_failing(tmp_path, {"MMDIFF_JAX_FAIL_AT": "1:3"}, [])
     assert failed == 1, text[1][-3000:]
     assert "injected failure at step 3" in text[1]
     assert other != 0, text[0][-3000:]
