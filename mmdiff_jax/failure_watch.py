@@ -6,7 +6,8 @@ own distributed key-value store (`report`); a daemon thread in every process (`s
 seconds and, when it appears, logs it and leaves at once (exit 1). If the store itself becomes unreachable (process 0, which hosts it,
 died), the thread leaves the same way, saying so.
 
-Tests inject a failure with the environment variable MMDIFF_JAX_FAIL_AT=<process>:<step> (`check_injected`).
+Tests inject a failure with the environment variable MMDIFF_JAX_FAIL_AT=<process>:<step>
+(`injected_failure_step`).
 """
 
 from __future__ import annotations
@@ -82,11 +83,16 @@ def report(process_index: int, process_count: int, message: str) -> None:
             logging.warning("Could not report the failure to the other processes: %s", e)
 
 
-def check_injected(process_index: int, step: int) -> None:
-    """Raise at the step named by MMDIFF_JAX_FAIL_AT=<process>:<step> (tests of the failure path)."""
-    spec = os.environ.get("MMDIFF_JAX_FAIL_AT")
-    if spec and spec == f"{process_index}:{step}":
-        raise RuntimeError(f"injected failure at step {step} (MMDIFF_JAX_FAIL_AT={spec})")
+def injected_failure_step(process_index: int) -> int | None:
+    """The step at which this process must fail, from MMDIFF_JAX_FAIL_AT=<process>:<step> (tests of the failure
+    path), or None; read once, before the training loop."""
+    spec = os.environ.get("MMDIFF_JAX_FAIL_AT", "")
+    process, _, step = spec.partition(":")
+    return int(step) if spec and process == str(process_index) else None
+
+
+def raise_injected(step: int) -> None:
+    raise RuntimeError(f"injected failure at step {step} (MMDIFF_JAX_FAIL_AT={os.environ.get('MMDIFF_JAX_FAIL_AT')})")
 
 
 def _leave(message: str) -> None:

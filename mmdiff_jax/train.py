@@ -260,6 +260,7 @@ def train(config, workdir: str, num_steps: int | None = None) -> TrainState:
     writer.progress(step, {})
     stop_now = False
     with parallel.set_mesh(mesh), _Preemption() as preempt:
+        fail_at = failure_watch.injected_failure_step(jax.process_index())  # None outside the failure tests
         while step < stop_at:
             local = next(data_iter)
             if not checked:
@@ -267,7 +268,8 @@ def train(config, workdir: str, num_steps: int | None = None) -> TrainState:
                 checked = True
             state, metrics = step_fn(state, parallel.to_global_batch(local, mesh))
             step += 1
-            failure_watch.check_injected(jax.process_index(), step)
+            if step == fail_at:
+                failure_watch.raise_injected(step)
             at_log_step = step % config.train.log_every == 0 or step == stop_at
             if at_log_step:
                 metrics = jax.device_get(metrics)

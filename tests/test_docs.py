@@ -111,25 +111,22 @@ def test_every_shown_command_names_what_exists(where, argv):
         name, _, value = arg[2:].partition("=")
         if name == "config":
             spec = value or args[k + 1]
-            config_file, _, preset = cli.resolve_config(spec).partition(":")  # raises on a bad name or preset
-            module_ns = {}
-            with open(config_file) as f:
-                exec(compile(f.read(), config_file, "exec"), module_ns)  # noqa: S102 - our own shipped configs
-            config = module_ns["get_config"](preset) if preset else module_ns["get_config"]()
+            config = _load_config(cli.resolve_config(spec))  # raises on a bad name or preset
         elif name.startswith("config."):
             assert config is not None or module == "mmdiff_jax.bench", f"{where}: {arg} before --config"
-            base = config if config is not None else _default_bench_config()
+            base = config if config is not None else _load_config(configs.path("digits_image_label"))
             assert _has_field(base, name[len("config."):]), f"{where}: no config field {name}"
         else:
             assert name in known, f"{where}: {module} has no flag --{name} (it has {sorted(known)})"
 
 
-def _default_bench_config():
+def _load_config(resolved: str):
+    """The config of `FILE[:PRESET]` (as `cli.resolve_config` returns it)."""
+    config_file, _, preset = resolved.partition(":")
     module_ns = {}
-    path = configs.path("digits_image_label")
-    with open(path) as f:
-        exec(compile(f.read(), path, "exec"), module_ns)  # noqa: S102
-    return module_ns["get_config"]()
+    with open(config_file) as f:
+        exec(compile(f.read(), config_file, "exec"), module_ns)  # noqa: S102 - our own shipped configs
+    return module_ns["get_config"](preset) if preset else module_ns["get_config"]()
 
 
 def test_config_reference_is_current():
