@@ -48,6 +48,13 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.model.scale_shift_norm = True  # adm: AdaGN (the time embedding scales and shifts the normalised features)
     c.model.resblock_updown = True  # adm: BigGAN residual blocks resample
     c.model.dropout = 0.0  # adm: dropout in the residual blocks (training only)
+    # ADM's learned reverse variance: the backbone also outputs v, and log sigma^2 = frac log beta_t + (1 - frac)
+    # log posterior variance, frac = (v + 1) / 2; trained by L1 and L3, which with loss_weights.l0 > 0 see the mean
+    # through a stop-gradient (ADM's hybrid loss; diffusion/losses.py loss_terms); the ancestral sampler uses it
+    c.model.learn_sigma = False
+    # > 0: ADM's class-conditional model (a baseline): the batch's integer "label" is embedded and added to the time
+    # embedding; it is an input, not a modality (no forward-process shift, no head)
+    c.model.num_classes = 0
     c.model.remat = False  # gradient checkpointing per U-Net ResBlock (memory for FLOPs; same numbers)
 
     c.diffusion = ml_collections.ConfigDict()

@@ -249,6 +249,17 @@ def validate(config, device_count: int | None = None, process_count: int | None 
                     c.problems.append(f"model.num_head_channels={heads}: the attention at {r}x{r} is "
                                       f"{sides[r]} channels wide, not a multiple; change one of them.")
     c.choice("model.dtype", {"float32", "bfloat16"})
+    num_classes = c.int_range("model.num_classes", 0) if "num_classes" in config.model else 0
+    if num_classes and "label" in config.get("modalities", {}):
+        c.problems.append("model.num_classes: a class-conditional model reads the label as an input, but 'label' is "
+                          "also a modality; remove one of them (modalities.label or model.num_classes).")
+    learn_sigma = c.choice("model.learn_sigma", {True, False}) if "learn_sigma" in config.model else False
+    if learn_sigma and not float(config.diffusion.loss_weights.get("l1", 0.0)) > 0:
+        dims = math.prod(latent) if isinstance(latent, (tuple, list)) and all(_is_int(d) for d in latent) else 1
+        adm = config.diffusion.num_steps / (1000 * max(dims, 1) * math.log(2.0))
+        c.problems.append("model.learn_sigma: the variance is trained by the likelihood terms, but "
+                          "diffusion.loss_weights.l1 is 0; ADM's hybrid loss sets diffusion.loss_weights.l1 and .l3 to "
+                          f"T / (1000 D ln 2) = {adm:.4g} for this config.")
     # diffusion
     steps = c.int_range("diffusion.num_steps", 1)
     c.choice("diffusion.beta_schedule", schedules.BETA_SCHEDULES)

@@ -98,6 +98,8 @@ def evaluate(config, workdir: str, tagged: bool = False) -> dict:
               and m.name not in train_src.arrays):  # not the data's own vectors
             embed = embed or vectors.evaluator_embedding(config, workdir, train_src, test_src)
             results.update(_vector_metrics(config, embed, m, joint))
+    if gen.diff.num_classes and ev is not None:
+        results.update(_class_conditional_metrics(gen, key, ev, out_dir))
     if config.eval.inpainting_counts:
         results.update(_inpainting_metrics(config, gen, key, test_src, out_dir))
     probe_steps = tuple(config.eval.get("head_probe_steps", ()))
@@ -187,6 +189,17 @@ def _label_metrics(gen, m, key, test_src, joint, ev, read, out_dir) -> dict:
     return metrics
 
 
+def _class_conditional_metrics(gen, key, ev, out_dir) -> dict:
+    """A class-conditional model (ADM's baseline): label -> image accuracy, the evaluator reading the requested
+    class, on the same labels and key as a joint model's `label/label_to_image_accuracy`."""
+    n = gen.config.eval.num_samples
+    wanted = np.arange(n, dtype=np.int32) % gen.diff.num_classes
+    cond = gen.generate(jax.random.fold_in(key, 2), n, given={objective.CLASS_LABELS: wanted})
+    sample_lib.write_samples(out_dir, f"{objective.CLASS_LABELS}_to_image", cond, gen, sort_grid_by_label=True)
+    accuracy = float(np.mean(ev(cond[gen.diff.modalities.primary.name])[0] == wanted))
+    return {f"{objective.CLASS_LABELS}/label_to_image_accuracy": accuracy}
+
+
 def _mask_metrics(gen, m, key, test_src, joint) -> dict:
     """image -> mask mIoU (and pixel accuracy) on held-out images against their true masks; consistency of joint
     samples: mIoU between each generated mask and the mask the model predicts from the generated image."""
@@ -249,7 +262,8 @@ def _likelihood_metrics(config, gen, key, test_arrays) -> dict:
     over its dimensions), each auxiliary modality (its decoder NLL at t = 1 over its own dimensions), and the total."""
     mods = gen.diff.modalities
     num = min(config.eval.elbo_examples, len(test_arrays[mods.primary.name]))
-    batch = {name: jnp.asarray(test_arrays[name][:num]) for name in mods.names}
+    names = mods.names + ([objective.CLASS_LABELS] if gen.diff.num_classes else [])
+    batch = {name: jnp.asarray(test_arrays[name][:num]) for name in names}
     z0 = batch[mods.primary.name].astype(jnp.float32)
     enc = mods.encode(batch)
     model = nnx.merge(gen.graphdef, gen.params)
@@ -257,8 +271,9 @@ def _likelihood_metrics(config, gen, key, test_arrays) -> dict:
     @jax.jit
     def run(z0, enc, batch, k):
         def denoise(zt, t):
-            eps_hat, enc_hat, heads = objective.predict(model, gen.diff, zt, t)
-            return eps_hat, enc_hat, mods.nlls(heads, batch, zt.shape[0])
+            pred = objective.predict(model, gen.diff, zt, t, labels=batch.get(objective.CLASS_LABELS))
+            learned = () if pred.var_frac is None else (pred.var_frac,)
+            return (pred.eps, pred.enc, mods.nlls(pred.heads, batch, zt.shape[0])) + learned
 
         return losses.elbo(gen.diff.sched, denoise, k, z0, enc, [m.data_dims for m in mods.aux], gen.diff.bin_width)
 

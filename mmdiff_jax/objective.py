@@ -6,7 +6,7 @@ Data flows one way: batch {modality: array} -> encoders -> q_sample -> denoiser 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +27,9 @@ class Diffusion:
     loss_weights: Mapping[str, float]
     bin_width: float | None  # spacing of the primary's discrete data grid, for the decoder likelihood
     denoiser_output: str = "eps"  # what the backbone's output is (see `predict`)
+    learn_sigma: bool = False  # the backbone also outputs the reverse variance (model.learn_sigma)
+    vlb_trains_mean: bool = True  # False: ADM's hybrid loss (L1, L3 train the variance only; see losses.loss_terms)
+    num_classes: int = 0  # > 0: a class-conditional model (model.num_classes): batch["label"] is an input
 
     @property
     def num_steps(self) -> int:
@@ -69,15 +72,30 @@ def build_diffusion(config) -> Diffusion:
         loss_weights=losses.check_loss_weights(dict(dcfg.loss_weights)),
         bin_width=dcfg.get("bin_width", None),
         denoiser_output=dcfg.get("denoiser_output", "eps"),
+        learn_sigma=bool(config.model.get("learn_sigma", False)),
+        vlb_trains_mean=float(dcfg.loss_weights.get("l0", 0.0)) == 0.0,
+        num_classes=int(config.model.get("num_classes", 0)),
     )
+
+
+CLASS_LABELS = "label"  # the batch field a class-conditional model reads
 
 
 DENOISER_OUTPUTS = ("eps", "composite")
 
 
+class Prediction(NamedTuple):
+    """The reverse model's output at (z_t, t)."""
+
+    eps: jax.Array  # ε̂ [B, *S]
+    enc: jax.Array  # ê [B, N, *S]
+    heads: dict  # {aux modality name: head output}
+    var_frac: jax.Array | None = None  # [B, *S] with model.learn_sigma: (v + 1) / 2, see process.learned_log_variance
+
+
 def predict(model, diff: Diffusion, zt: jax.Array, t: jax.Array, present: jax.Array | None = None,
-            dropout_key: jax.Array | None = None):
-    """The reverse model at (z_t [B, *S], t [B]): (ε̂ [B, *S], ê [B, N, *S], {aux name: head output}).
+            dropout_key: jax.Array | None = None, labels: jax.Array | None = None) -> Prediction:
+    """The reverse model at (z_t [B, *S], t [B]): `Prediction` (ε̂, ê, the heads' outputs, the variance's frac).
 
     `present` [B, N] (models trained with modality dropout): a dropped modality does not drive the process, so its
     ê is zero. `diff.denoiser_output` says what the backbone's output r is:
@@ -85,20 +103,26 @@ def predict(model, diff: Diffusion, zt: jax.Array, t: jax.Array, present: jax.Ar
       'composite'  r predicts the composite noise (z_t - abar_t z_0) / s_t = ε + sum_i c_t(i) e_i / s_t, and
                    ε̂ = r - sum_i c_t(i) ê_i / s_t, the codes' share explained by the heads' expected encodings.
     Both give the same ẑ_0 formula and loss terms; 'composite' spares a convolutional backbone from reproducing
-    each code's pattern pixel by pixel (ẑ_0 = (z_t - s_t r) / abar_t depends on r alone).
+    each code's pattern pixel by pixel (ẑ_0 = (z_t - s_t r) / abar_t depends on r alone). With `diff.learn_sigma`
+    the backbone's output has twice the latent's channels: r, then v (ADM's layout). `labels` int [B]: the class
+    labels of a class-conditional model (`diff.num_classes` > 0).
     """
+    kwargs = {} if labels is None else {"labels": labels}
     if dropout_key is not None and getattr(model, "takes_dropout_key", False):  # a backbone with dropout (ADM)
-        out, heads = model(zt, t, present, dropout_key=dropout_key)
-    else:
-        out, heads = model(zt, t, present)
+        kwargs["dropout_key"] = dropout_key
+    out, heads = model(zt, t, present, **kwargs)
+    var_frac = None
+    if diff.learn_sigma:
+        channels = zt.shape[-1]
+        out, var_frac = out[..., :channels], (out[..., channels:] + 1.0) / 2.0
     mods = diff.modalities
     enc_hat = mods.expected_encodings(heads, zt.shape[0])
     if present is not None:
         enc_hat = enc_hat * _per_modality(present.astype(enc_hat.dtype), enc_hat)
     if diff.denoiser_output == "composite":
         shift = process.mix_modalities(diff.sched.c, t, enc_hat)
-        return out - shift / process.per_example(diff.sched.s, t, zt), enc_hat, heads
-    return out, enc_hat, heads
+        out = out - shift / process.per_example(diff.sched.s, t, zt)
+    return Prediction(out, enc_hat, heads, var_frac)
 
 
 def compute_loss(model, diff: Diffusion, batch: Mapping[str, jax.Array], key: jax.Array):
@@ -117,7 +141,9 @@ def compute_loss(model, diff: Diffusion, batch: Mapping[str, jax.Array], key: ja
         present = present.astype(jnp.float32)
         enc = enc * _per_modality(present, enc)  # a dropped modality does not drive the forward process
     zt = process.q_sample(diff.sched, t, z0, enc, eps)
-    eps_hat, enc_hat, head_outs = predict(model, diff, zt, t, present, dropout_key=jax.random.fold_in(key, 3))
+    labels = batch[CLASS_LABELS] if diff.num_classes else None
+    eps_hat, enc_hat, head_outs, var_frac = predict(model, diff, zt, t, present, dropout_key=jax.random.fold_in(key, 3),
+                                                    labels=labels)
     aux_nll = mods.nlls(head_outs, batch, batch_size)
     trained = jnp.ones_like(aux_nll)  # [B, N]: the examples each head is trained on
     if present is not None:
@@ -125,7 +151,7 @@ def compute_loss(model, diff: Diffusion, batch: Mapping[str, jax.Array], key: ja
         trained = jnp.maximum(present, jnp.asarray(mods.head_loss_when_dropped(), jnp.float32))
         aux_nll = aux_nll * trained
     terms = losses.loss_terms(diff.sched, t, z0, enc, eps, eps_hat, enc_hat, aux_nll, mods.loss_weights(),
-                              diff.bin_width)
+                              diff.bin_width, var_frac, diff.vlb_trains_mean)
     loss, metrics = losses.training_loss(terms, diff.loss_weights)
     per_modality = jnp.sum(aux_nll, axis=0) / jnp.maximum(jnp.sum(trained, axis=0), 1.0)  # [N], over trained ones
     for i, m in enumerate(mods.aux):

@@ -49,9 +49,9 @@ class Generator:
     def chain(self) -> samplers.SamplingChain:
         return samplers.respace(self.diff.betas, self.diff.weights, self.config.sample.num_steps)
 
-    def _predict_fn(self, params):
+    def _predict_fn(self, params, labels=None):
         def predict(zt, t, present=None):
-            return objective.predict(nnx.merge(self.graphdef, params), self.diff, zt, t, present)
+            return objective.predict(nnx.merge(self.graphdef, params), self.diff, zt, t, present, labels=labels)
 
         return predict
 
@@ -62,11 +62,11 @@ class Generator:
         chain = self.chain  # built here, outside the trace
 
         @functools.partial(jax.jit, static_argnames=("batch_size", "has_z0", "guidance"))
-        def run(params, key_data, known_enc, known_mask, known_z0, known_pixels, present, batch_size, has_z0,
+        def run(params, key_data, known_enc, known_mask, known_z0, known_pixels, present, labels, batch_size, has_z0,
                 guidance):
             key = jax.random.wrap_key_data(key_data)
             return samplers.sample(
-                chain, self._predict_fn(params), key, batch_size, latent_shape, method=cfg.sampler,
+                chain, self._predict_fn(params, labels), key, batch_size, latent_shape, method=cfg.sampler,
                 eta=cfg.eta, known_z0=known_z0 if has_z0 else None, known_enc=known_enc, known_mask=known_mask,
                 clip_z0=cfg.clip_z0, known_pixels=known_pixels, present=present, guidance=guidance,
             )
@@ -84,15 +84,22 @@ class Generator:
         weights (default `sample.guidance`), applied for training steps t in `guidance_interval` = (t_min, t_max)
         (default `sample.guidance_interval`).
 
+        A class-conditional model (`model.num_classes`) takes its class labels as `given["label"]`, drawn uniformly
+        at random from `key` when not given; they are returned under "label".
+
         Returns {modality name: data} for every modality (the given ones are passed through; absent ones are the
         heads' outputs, which were not used).
         """
         given = dict(given or {})
         mods = self.diff.modalities
         aux_names = [m.name for m in mods.aux]
-        unknown = sorted((set(given) - set(mods.names)) | (set(absent) - set(aux_names)))
+        class_field = [objective.CLASS_LABELS] if self.diff.num_classes else []
+        unknown = sorted((set(given) - set(mods.names + class_field)) | (set(absent) - set(aux_names)))
         if unknown:
             raise ValueError(f"given or absent modalities {unknown} are not among the model's {mods.names}.")
+        if class_field and objective.CLASS_LABELS not in given:
+            given[objective.CLASS_LABELS] = np.asarray(
+                jax.random.randint(jax.random.fold_in(key, 2**31 - 1), (num,), 0, self.diff.num_classes), np.int32)
         guides = self._guidance(dict(self.config.sample.guidance) if guidance is None else dict(guidance),
                                 tuple(self.config.sample.guidance_interval) if guidance_interval is None
                                 else tuple(guidance_interval))
@@ -108,7 +115,7 @@ class Generator:
         width = self.mesh.size  # a batch is a multiple of the devices it is split over
         bs = -(-min(self.config.sample.batch_size, num) // width) * width
         rows, whole = parallel.batch_sharding(self.mesh), parallel.replicated(self.mesh)
-        outputs: dict[str, list] = {name: [] for name in mods.names}
+        outputs: dict[str, list] = {name: [] for name in mods.names + class_field}
         for i, start in enumerate(range(0, num, bs)):
             idx = np.minimum(np.arange(start, start + bs), num - 1)  # pad the last batch by repetition
             part = {k: np.asarray(v)[idx] for k, v in given.items()}
@@ -122,10 +129,11 @@ class Generator:
             pixels = None if known_pixels is None else tuple(np.asarray(a)[idx] for a in known_pixels)
             key_data = jax.random.key_data(jax.random.fold_in(key, i))
             batch_in = parallel.put((known_enc, z0_in, pixels), jax.tree.map(lambda _: rows, (known_enc, z0_in, pixels)))
+            labels = parallel.put(part[objective.CLASS_LABELS], rows) if class_field else None
             z0, heads = self._sample_jit(
                 self._mesh_params, parallel.put(key_data, whole), batch_in[0], parallel.put(known_mask, whole),
-                batch_in[1], batch_in[2], None if present is None else parallel.put(present, whole), batch_size=bs,
-                has_z0=has_z0, guidance=guides)
+                batch_in[1], batch_in[2], None if present is None else parallel.put(present, whole), labels,
+                batch_size=bs, has_z0=has_z0, guidance=guides)
             z0, heads = parallel.fetch((z0, heads))
             take = min(bs, num - start)
             image = np.asarray(part[mods.primary.name]) if has_z0 else np.clip(np.asarray(z0), -1.0, 1.0)
@@ -133,6 +141,8 @@ class Generator:
             for m in mods.aux:
                 value = np.asarray(part[m.name]) if m.name in given else np.asarray(m.decode(heads[m.name]))
                 outputs[m.name].append(value[:take])
+            for name in class_field:
+                outputs[name].append(np.asarray(part[name])[:take])
         return {k: np.concatenate(v, axis=0) for k, v in outputs.items()}
 
     def _guidance(self, weights: Mapping[str, float], interval: tuple[int, int]) -> tuple[samplers.Guidance, ...]:
@@ -185,12 +195,13 @@ def sample(config, workdir: str) -> dict[str, str]:
     written = {}
     joint = gen.generate(jax.random.fold_in(key, 0), 100)
     written["joint"] = write_samples(out_dir, "joint", joint, gen)
-    for m in gen.diff.modalities.aux:
-        if m.kind == "label":
-            labels = np.repeat(np.arange(m.spec.num_classes, dtype=np.int32), 10)
-            cond = gen.generate(jax.random.fold_in(key, 1), len(labels), given={m.name: labels})
-            written[f"{m.name}_to_image"] = write_samples(out_dir, f"{m.name}_to_image", cond, gen,
-                                                          sort_grid_by_label=True)
+    label_inputs = [(m.name, m.spec.num_classes) for m in gen.diff.modalities.aux if m.kind == "label"]
+    if gen.diff.num_classes:  # a class-conditional model: the first ten classes
+        label_inputs.append((objective.CLASS_LABELS, gen.diff.num_classes))
+    for name, num_classes in label_inputs:
+        labels = np.repeat(np.arange(min(num_classes, 10), dtype=np.int32), 10)
+        cond = gen.generate(jax.random.fold_in(key, 1), len(labels), given={name: labels})
+        written[f"{name}_to_image"] = write_samples(out_dir, f"{name}_to_image", cond, gen, sort_grid_by_label=True)
     if parallel.is_main_process():
         metrics_writer.write_evaluation(workdir, gen.step, tag, {}, grid_files(out_dir))
     logging.info("Wrote %s to %s", ", ".join(sorted(written)), out_dir)
@@ -214,9 +225,10 @@ def write_samples(out_dir: str, name: str, data: Mapping[str, np.ndarray], gen: 
     mods = gen.diff.modalities
     images = data[mods.primary.name][:grid_count]
     order, captions = np.arange(len(images)), None
-    label_mods = [m for m in mods.aux if m.kind == "label"]
-    if label_mods:
-        labels = data[label_mods[0].name][:grid_count]
+    label_names = [m.name for m in mods.aux if m.kind == "label"] + [k for k in (objective.CLASS_LABELS,)
+                                                                      if gen.diff.num_classes and k in data]
+    if label_names:
+        labels = data[label_names[0]][:grid_count]
         if sort_grid_by_label:
             order = np.argsort(labels, kind="stable")
         names = gen.class_names

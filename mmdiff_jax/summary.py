@@ -42,6 +42,8 @@ def abstract_batch(diff: objective.Diffusion, batch_size: int, sharding) -> dict
         else:
             shape, dtype = tuple(m.spec.shape), jnp.float32
         out[m.name] = jax.ShapeDtypeStruct((batch_size,) + tuple(shape), dtype, sharding=sharding)
+    if diff.num_classes:  # a class-conditional model's input
+        out[objective.CLASS_LABELS] = jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=sharding)
     return out
 
 
@@ -59,13 +61,15 @@ def summarize(config) -> dict:
     config_check.validate(config)
     diff = objective.build_diffusion(config)
     backbone = train.backbone_config(config)
-    model = nnx.eval_shape(lambda: MTDiffusion(backbone, diff.modalities, rngs=nnx.Rngs(config.seed)))
+    model = nnx.eval_shape(lambda: MTDiffusion(backbone, diff.modalities, rngs=nnx.Rngs(config.seed),
+                                               num_classes=diff.num_classes))
     graphdef, params = nnx.split(model, nnx.Param)
     counts = {"backbone": _count(params["backbone"])}
     for name in params.get("heads", {}):
         counts[f"heads.{name}"] = _count(params["heads"][name])
-    if "presence" in params:
-        counts["presence"] = _count(params["presence"])
+    for extra in ("presence", "class_embedding"):
+        if extra in params:
+            counts[extra] = _count(params[extra])
     counts["total"] = _count(params)
     tx = train.make_optimizer(config.optim, config.train.num_steps)
     state = jax.eval_shape(lambda p: train.initial_state(config, p, tx), params)

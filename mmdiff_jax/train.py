@@ -47,6 +47,7 @@ class NonFiniteError(UserError):
 def backbone_config(config) -> UNetConfig | ADMConfig:
     """The denoiser `model.backbone` names: 'unet' (the small U-Net) or 'adm' (models/adm.py)."""
     m = config.model
+    out_channels = 2 * config.latent_shape[-1] if m.get("learn_sigma", False) else 0  # ε and the variance's v
     if m.get("backbone", "unet") == "adm":
         return ADMConfig(
             image_size=int(config.latent_shape[0]), latent_channels=config.latent_shape[-1],
@@ -54,16 +55,18 @@ def backbone_config(config) -> UNetConfig | ADMConfig:
             attention_resolutions=tuple(m.attention_resolutions), num_head_channels=m.num_head_channels,
             groups=m.groups, temb_dim=m.temb_dim, scale_shift_norm=bool(m.scale_shift_norm),
             resblock_updown=bool(m.resblock_updown), dropout=float(m.dropout), dtype=m.dtype,
-            remat=bool(m.get("remat", False)))
+            remat=bool(m.get("remat", False)), out_channels=out_channels)
     return UNetConfig(
         latent_channels=config.latent_shape[-1], channels=tuple(m.channels), blocks_per_level=m.blocks_per_level,
         groups=m.groups, temb_dim=m.temb_dim, dtype=m.dtype, remat=bool(m.get("remat", False)),
+        out_channels=out_channels,
     )
 
 
 def create_model(config, diff: objective.Diffusion) -> tuple[nnx.GraphDef, Any]:
     """The composed model, split into (graphdef, params). Everything in it is a Param (no mutable state)."""
-    model = MTDiffusion(backbone_config(config), diff.modalities, rngs=nnx.Rngs(config.seed))
+    model = MTDiffusion(backbone_config(config), diff.modalities, rngs=nnx.Rngs(config.seed),
+                        num_classes=diff.num_classes)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     if jax.tree.leaves(rest):
         raise TypeError("the model holds non-Param state; mmdiff_jax models must be stateless apart from params.")
@@ -220,7 +223,8 @@ def train(config, workdir: str, num_steps: int | None = None) -> TrainState:
     train_source = vectors.attach_vectors(config, train_source, "train", workdir)
     masked = masking.spec_from_config(config)
     # Arrays no modality uses are never read; a masked image is made from its source on the fly.
-    train_source = train_source.select(diff.modalities.names + ([masked.source] if masked else []))
+    train_source = train_source.select(diff.modalities.names + ([masked.source] if masked else [])
+                                       + ([objective.CLASS_LABELS] if diff.num_classes else []))
     random_maps = ([augment.RandomFlip()] if config.data.flip else []) + (
         [masking.AddMaskedImage(masked)] if masked else [])
     data_iter = pipeline.train_iterator(

@@ -52,3 +52,37 @@ def gaussian_kl(m1, v1, m2, v2):
     """KL(N(m1, v1) || N(m2, v2)) summed over the last axes, float64."""
     kl = 0.5 * (np.log(v2 / v1) + (v1 + (m1 - m2) ** 2) / v2 - 1.0)
     return kl.reshape(kl.shape[0], -1).sum(axis=1)
+
+
+def adm_learned_range(betas, t, v):
+    """guided-diffusion's LEARNED_RANGE variance in float64 (gaussian_diffusion.py, p_mean_variance), our t = 1..T
+    being its t - 1: frac = (v + 1) / 2 between log posterior_variance_clipped and log beta. Returns log-variance."""
+    ref = ddpm_reference(betas)
+    post = ref["post_var"][1:]  # its posterior_variance, index 0..T-1
+    clipped = np.log(np.append(post[1], post[1:]))
+    frac = (v + 1.0) / 2.0
+    return frac * np.log(betas)[t - 1] + (1.0 - frac) * clipped[t - 1]
+
+
+def adm_vb_terms_bpd(betas, t, x0, xt, eps_hat, v, bin_width):
+    """guided-diffusion's `_vb_terms_bpd` (float64) for an ε-predicting model with a learned range: the KL of the
+    posterior to the model's step in bits per dimension for t >= 2 (its t >= 1), the discretized-Gaussian decoder NLL
+    of 8-bit-like data at t = 1 (its t = 0). x0, xt, eps_hat, v [D]; a float."""
+    from scipy.stats import norm
+
+    ref = ddpm_reference(betas)
+    abar = ref["alpha_bar"]
+    x0_hat = (xt - np.sqrt(1.0 - abar[t]) * eps_hat) / np.sqrt(abar[t])
+    model_mean = ref["coef_x0"][t] * x0_hat + ref["coef_xt"][t] * xt
+    model_log_var = adm_learned_range(betas, t, v)
+    if t == 1:  # its decoder: the data's bins under N(model_mean = x0_hat, exp(model_log_var)), edges open
+        std = np.exp(0.5 * model_log_var)
+        upper = norm.cdf((x0 + bin_width / 2 - model_mean) / std)
+        lower = norm.cdf((x0 - bin_width / 2 - model_mean) / std)
+        prob = np.where(x0 < -0.999, upper, np.where(x0 > 0.999, 1.0 - lower, upper - lower))
+        return float(np.mean(-np.log(prob)) / np.log(2.0))
+    true_mean = ref["coef_x0"][t] * x0 + ref["coef_xt"][t] * xt
+    true_log_var = np.log(ref["post_var"][t])
+    kl = 0.5 * (-1.0 + model_log_var - true_log_var + np.exp(true_log_var - model_log_var)
+                + (true_mean - model_mean) ** 2 * np.exp(-model_log_var))
+    return float(np.mean(kl) / np.log(2.0))

@@ -25,6 +25,8 @@ def test_imagenet64_flags_give_guided_diffusions_parameter_count():
     # image_size 64, num_channels 192, channel_mult 1,2,3,4, num_res_blocks 3, attention 32,16,8, 64 head channels,
     # use_scale_shift_norm, resblock_updown, learn_sigma False, class_cond False
     assert _count(adm.ADMConfig()) == 295_131_267
+    # learn_sigma True: 6 output channels, guided-diffusion's out conv 192 -> 6 instead of 192 -> 3
+    assert _count(adm.ADMConfig(out_channels=6)) == 295_131_267 + 192 * 9 * 3 + 3 == 295_136_454
 
 
 def _randomized(model, seed=1):

@@ -50,7 +50,7 @@ class PredictVariantsTest(parameterized.TestCase):
         zt, r, logits, t = _inputs()
         diff = _diffusion("composite")
         model = _StubModel(r, logits)
-        eps_hat, enc_hat, _ = self.variant(lambda z, tt: objective.predict(model, diff, z, tt))(zt, t)
+        eps_hat, enc_hat, *_ = self.variant(lambda z, tt: objective.predict(model, diff, z, tt))(zt, t)
         chex.assert_shape(eps_hat, zt.shape)
         chex.assert_shape(enc_hat, (zt.shape[0], 1) + zt.shape[1:])
         codes = diff.modalities.aux[0].codes  # [K, *S]
@@ -70,14 +70,14 @@ class PredictVariantsTest(parameterized.TestCase):
     def test_eps_output_is_the_backbones_own(self):
         zt, r, logits, t = _inputs()
         model = _StubModel(r, logits)
-        eps_hat, _, _ = self.variant(lambda z, tt: objective.predict(model, _diffusion("eps"), z, tt))(zt, t)
+        eps_hat, *_ = self.variant(lambda z, tt: objective.predict(model, _diffusion("eps"), z, tt))(zt, t)
         np.testing.assert_array_equal(np.asarray(eps_hat), np.asarray(r))
 
 
 def test_composite_output_with_dropped_modality_is_plain_eps():
     zt, r, logits, t = _inputs()
     absent = jnp.zeros((zt.shape[0], 1), jnp.float32)
-    eps_hat, enc_hat, _ = objective.predict(_StubModel(r, logits), _diffusion("composite"), zt, t, absent)
+    eps_hat, enc_hat, *_ = objective.predict(_StubModel(r, logits), _diffusion("composite"), zt, t, absent)
     np.testing.assert_array_equal(np.asarray(enc_hat), 0.0)
     np.testing.assert_allclose(np.asarray(eps_hat), np.asarray(r), atol=1e-7)
 
@@ -95,7 +95,7 @@ def test_the_true_composite_noise_gives_zero_eps_error_when_the_head_is_certain(
     s = process.per_example(diff.sched.s, t, z0)
     r = (zt - process.per_example(diff.sched.abar, t, z0) * z0) / s
     certain = 1e4 * jax.nn.one_hot(labels, 10)
-    eps_hat, _, _ = objective.predict(_StubModel(r, certain), diff, zt, t)
+    eps_hat, *_ = objective.predict(_StubModel(r, certain), diff, zt, t)
     np.testing.assert_allclose(np.asarray(eps_hat), np.asarray(eps), atol=2e-4)
 
 

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mmdiff_jax.configs import imagenet64_image_label, imagenet64_image_only, imagenet64_masked_image
-from mmdiff_jax import objective, summary, train
+from mmdiff_jax.configs import (imagenet64_class_conditional, imagenet64_image_label, imagenet64_image_only,
+                                imagenet64_masked_image)
+from mmdiff_jax import objective, sample, summary, train
 from mmdiff_jax.models.mt_diffusion import MTDiffusion
 from mmdiff_jax.data import prepare
 
@@ -66,18 +67,53 @@ def test_summary_counts_flops_and_memory_without_allocating(shards, tmp_path):
     assert result["latent_shape"] == [16, 16, 3] and result["devices"] == jax.device_count()
 
 
-@pytest.mark.parametrize("module", [imagenet64_image_label, imagenet64_image_only, imagenet64_masked_image])
+@pytest.mark.parametrize("module", [imagenet64_image_label, imagenet64_image_only, imagenet64_masked_image,
+                                    imagenet64_class_conditional])
 def test_full_configs_have_the_adm_imagenet64_backbone(module):
-    """The ImageNet-64 configs (joint, and the unconditional ADM baseline), with no data anywhere, built abstractly:
-    ADM's 295,131,267 backbone parameters; the baseline has nothing else."""
+    """The ImageNet-64 configs (joint, and ADM's two baselines), with no data anywhere, built abstractly: ADM's
+    295,131,267 backbone parameters; the unconditional baseline has nothing else, the class-conditional one adds
+    guided-diffusion's label embedding (1,000 x 768 = 768,000)."""
     config = module.get_config()
     diff = objective.build_diffusion(config)
-    model = nnx.eval_shape(lambda: MTDiffusion(train.backbone_config(config), diff.modalities, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: MTDiffusion(train.backbone_config(config), diff.modalities, rngs=nnx.Rngs(0),
+                                               num_classes=diff.num_classes))
     assert sum(x.size for x in jax.tree.leaves(nnx.state(model.backbone, nnx.Param))) == 295_131_267
     total = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     assert (total == 295_131_267) == (module is imagenet64_image_only)
+    if module is imagenet64_class_conditional:
+        assert total == 295_131_267 + 768_000 and diff.modalities.names == ["image"]
     if module is imagenet64_masked_image:  # the masked image's per-pixel head on the full-resolution features
         assert set(diff.modalities.names) == {"image", "masked"}
+
+
+def test_class_conditional_smoke_with_learned_variance_trains_and_samples_by_class(shards, tmp_path):
+    """ADM's class-conditional model with its learned variance and hybrid loss (ADM's ImageNet-64 model): the label
+    read from the shards as an input, a falling loss, a summary that counts the embedding, samples by class."""
+    config = imagenet64_class_conditional.get_config("smoke")
+    config.data.source_kwargs.path = shards
+    config.model.learn_sigma = True
+    config.diffusion.loss_weights.l1 = config.diffusion.loss_weights.l3 = 1e-3
+    config.train.num_steps = 16
+    state = jax.device_get(train.train(config, str(tmp_path)))
+    assert int(state.step) == 16 and int(state.skipped) == 0
+    assert jax.tree.leaves(state.params["class_embedding"])[0].shape == (1000, 64)
+    with open(os.path.join(str(tmp_path), "metrics.jsonl")) as f:
+        logs = [json.loads(line) for line in f]
+    l0 = [m["loss/l0"] for m in logs]
+    assert np.mean(l0[-4:]) < 0.95 * np.mean(l0[:4]), l0
+    assert all(np.isfinite(m["loss/l1"]) and m["loss/l1"] > 0 for m in logs)
+    result = summary.summarize(config)
+    assert result["params"]["class_embedding"] == 64_000
+    assert result["params"]["backbone"] + 64_000 == result["params"]["total"]
+    gen = sample.load_generator(config, str(tmp_path))
+    key = jax.random.key(0)
+    by_class = gen.generate(key, 4, given={"label": np.array([3, 3, 7, 7], np.int32)})
+    other = gen.generate(key, 4, given={"label": np.array([5, 5, 5, 5], np.int32)})
+    assert by_class["image"].shape == (4, 16, 16, 3) and np.all(np.isfinite(by_class["image"]))
+    np.testing.assert_array_equal(by_class["label"], [3, 3, 7, 7])
+    assert not np.allclose(by_class["image"], other["image"])  # the same noise, another class: another image
+    drawn = gen.generate(key, 4)["label"]  # not given: drawn at random
+    assert drawn.shape == (4,) and drawn.min() >= 0 and drawn.max() < 1000
 
 
 def test_smoke_recipe_under_fsdp_equals_data_parallel(shards, tmp_path):

@@ -57,18 +57,27 @@ def posterior_mean_gap(
 
 
 def l1_posterior_kl(
-    sched: Schedule, t: jax.Array, eps: jax.Array, eps_hat: jax.Array, enc: jax.Array, enc_hat: jax.Array
+    sched: Schedule, t: jax.Array, eps: jax.Array, eps_hat: jax.Array, enc: jax.Array, enc_hat: jax.Array,
+    log_var: jax.Array | None = None,
 ) -> jax.Array:
     """L1: KL(q(z_{t-1} | z_t, z_0, X) || p_θ(z_{t-1} | z_t)) in nats, summed over dimensions. [B].
 
-    Both Gaussians share the variance sigma~_t^2, so the KL is |mu~_t - p_mean|^2 / (2 sigma~_t^2); it includes the
-    error of the predicted encodings ê. At t = 1 the posterior is a point mass and the term is handled by
-    `l3_reconstruction_nll`: L1 is 0 there.
+    With the fixed reverse variance sigma~_t^2 both Gaussians share it and the KL is |mu~_t - p_mean|^2 /
+    (2 sigma~_t^2); with a learned one (`log_var` [B, *S], `process.learned_log_variance`) it is
+    0.5 sum [log_var - log sigma~_t^2 + (sigma~_t^2 + |mu~_t - p_mean|^2) / exp(log_var) - 1] (ADM's `normal_kl`).
+    Either includes the error of the predicted encodings ê. At t = 1 the posterior is a point mass and the term is
+    handled by `l3_reconstruction_nll`: L1 is 0 there.
     """
     gap = posterior_mean_gap(sched, t, eps, eps_hat, enc, enc_hat)
     post_var = sched.post_var[t]
     safe_var = jnp.where(t >= 2, post_var, 1.0)
-    return jnp.where(t >= 2, 0.5 * _sum_non_batch(gap**2) / safe_var, 0.0)
+    if log_var is None:
+        kl = 0.5 * _sum_non_batch(gap**2) / safe_var
+    else:
+        # with d = log sigma~^2 - log_var: 0.5 sum [e^d - 1 - d + gap^2 / exp(log_var)], stable in float32 as d -> 0
+        d = jnp.log(safe_var).reshape((t.shape[0],) + (1,) * (gap.ndim - 1)) - log_var
+        kl = 0.5 * _sum_non_batch(jnp.expm1(d) - d + gap**2 * jnp.exp(-log_var))
+    return jnp.where(t >= 2, kl, 0.0)
 
 
 def l2_modality_recovery(aux_nll: jax.Array, loss_weights: jax.Array | Sequence[float]) -> jax.Array:
@@ -107,11 +116,13 @@ def l3_reconstruction_nll(
     enc_hat: jax.Array,
     bin_width: float | None = None,
     data_range: tuple[float, float] = (-1.0, 1.0),
+    log_var: jax.Array | None = None,
 ) -> jax.Array:
     """L3 (decoder part): -log p(z_0 | z_1) with p = N(ẑ_0, sigma_1^2) (continuous density), or its integral over
-    the data's bins when `bin_width` is given (discrete data such as 8-bit images). ε, ε̂, ê are those at t = 1. [B]."""
+    the data's bins when `bin_width` is given (discrete data such as 8-bit images). ε, ε̂, ê are those at t = 1;
+    `log_var` [B, *S] the learned log-variance at t = 1 (None: sigma_1^2). [B]."""
     mean = decoder_mean(sched, z0, eps, eps_hat, enc, enc_hat)
-    var = sched.sigma2[1]
+    var = sched.sigma2[1] if log_var is None else jnp.exp(log_var)
     if bin_width is None:
         return likelihoods.gaussian_nll(z0, mean, var)
     return likelihoods.discretized_gaussian_nll(z0, mean, var, bin_width, data_range)
@@ -128,12 +139,26 @@ def loss_terms(
     aux_nll: jax.Array,
     modality_loss_weights: jax.Array | Sequence[float],
     bin_width: float | None = None,
+    var_frac: jax.Array | None = None,
+    vlb_trains_mean: bool = True,
 ) -> LossTerms:
-    """All four terms at the sampled t, per example. The reconstruction part of L3 counts only where t = 1."""
-    rec = l3_reconstruction_nll(sched, z0, eps, eps_hat, enc, enc_hat, bin_width)
+    """All four terms at the sampled t, per example. The reconstruction part of L3 counts only where t = 1.
+
+    `var_frac` [B, *S]: a learned reverse variance (`process.learned_log_variance`) for L1 and L3's decoder.
+    `vlb_trains_mean=False` is ADM's hybrid loss: the likelihood terms L1 and L3 see the mean (ε̂, ê) through a
+    stop-gradient, so they train the variance only and L0 (with L2) trains the mean.
+    """
+    l0 = l0_noise_matching(eps, eps_hat)
+    log_var = log_var_1 = None
+    if var_frac is not None:
+        log_var = process.learned_log_variance(sched, t, var_frac)
+        log_var_1 = process.learned_log_variance(sched, jnp.ones_like(t), var_frac)
+        if not vlb_trains_mean:
+            eps_hat, enc_hat = jax.lax.stop_gradient(eps_hat), jax.lax.stop_gradient(enc_hat)
+    rec = l3_reconstruction_nll(sched, z0, eps, eps_hat, enc, enc_hat, bin_width, log_var=log_var_1)
     return LossTerms(
-        l0=l0_noise_matching(eps, eps_hat),
-        l1=l1_posterior_kl(sched, t, eps, eps_hat, enc, enc_hat),
+        l0=l0,
+        l1=l1_posterior_kl(sched, t, eps, eps_hat, enc, enc_hat, log_var),
         l2=l2_modality_recovery(aux_nll, modality_loss_weights),
         l3=l3_prior_kl(sched, z0, enc) + jnp.where(t == 1, rec, 0.0),
     )
@@ -173,7 +198,7 @@ def training_loss(
 
 
 # A denoiser for `elbo`: (z_t [B, *S], t [B]) -> (eps_hat [B, *S], enc_hat [B, N, *S], aux_nll [B, N]) where aux_nll
-# is -log p_{D_i}(x_i | z_t, t) of the true auxiliary data.
+# is -log p_{D_i}(x_i | z_t, t) of the true auxiliary data; a model with a learned variance appends var_frac [B, *S].
 DenoiseFn = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array, jax.Array]]
 
 
@@ -207,9 +232,10 @@ def elbo(
         t = jnp.full((batch,), t_value, dtype=jnp.int32)
         eps = jax.random.normal(step_key, z0.shape, z0.dtype)
         zt = process.q_sample(sched, t, z0, enc, eps)
-        eps_hat, enc_hat, aux_nll = denoise_fn(zt, t)
-        kl = l1_posterior_kl(sched, t, eps, eps_hat, enc, enc_hat)
-        rec = l3_reconstruction_nll(sched, z0, eps, eps_hat, enc, enc_hat, bin_width)
+        eps_hat, enc_hat, aux_nll, *learned = denoise_fn(zt, t)
+        log_var = process.learned_log_variance(sched, t, learned[0]) if learned else None
+        kl = l1_posterior_kl(sched, t, eps, eps_hat, enc, enc_hat, log_var)
+        rec = l3_reconstruction_nll(sched, z0, eps, eps_hat, enc, enc_hat, bin_width, log_var=log_var)
         is_first = t_value == 1
         diffusion, reconstruction, aux = carry
         return (

@@ -109,6 +109,21 @@ def p_mean(sched: Schedule, t: jax.Array, zt: jax.Array, eps_hat: jax.Array, enc
     )
 
 
+def learned_log_variance(sched: Schedule, t: jax.Array, frac: jax.Array) -> jax.Array:
+    """ADM's learned reverse variance (Nichol & Dhariwal 2021, "Improved DDPM"), per element:
+
+        log sigma_θ^2 = frac log sigma_t^2 + (1 - frac) log sigma~_t^2,      frac = (v + 1) / 2,
+
+    between the transition's variance sigma_t^2 (DDPM's beta_t) and the posterior's sigma~_t^2. sigma~_1^2 = 0 is
+    replaced by sigma~_2^2 (ADM's `posterior_log_variance_clipped`). The shifts do not change either variance, so
+    these are DDPM's formulas. t int [B] in 1..T; frac [B, *S]. Returns [B, *S].
+    """
+    clipped = jnp.where(t == 1, sched.post_var[min(2, sched.num_steps)], sched.post_var[t])  # [B]
+    lower = jnp.log(jnp.maximum(clipped, 1e-20)).reshape((t.shape[0],) + (1,) * (frac.ndim - 1))
+    upper = jnp.log(per_example(sched.sigma2, t, frac))
+    return frac * upper + (1.0 - frac) * lower
+
+
 def sample_timesteps(key: jax.Array, batch_size: int, num_steps: int) -> jax.Array:
     """Uniform t in 1..T, int32 [B]."""
     return jax.random.randint(key, (batch_size,), 1, num_steps + 1, dtype=jnp.int32)

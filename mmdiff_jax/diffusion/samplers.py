@@ -27,7 +27,9 @@ from mmdiff_jax.diffusion import process, schedules
 from mmdiff_jax.errors import UserError
 
 # (z_t [B, *S], t [B] in the *training* step numbering) -> (eps_hat [B, *S], enc_hat [B, N, *S], head outputs pytree)
-PredictFn = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array, Any]]
+# and, for a model with a learned variance, a fourth item var_frac [B, *S] (`process.learned_log_variance`; None or
+# absent: the posterior variance). `objective.predict` returns these four.
+PredictFn = Callable[[jax.Array, jax.Array], tuple]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,27 +112,29 @@ def make_reverse_step(
     lam = _log_snr(sched)  # [K+1], +inf at k = 0
 
     def encodings_and_eps(z, t, t_model, keep):
-        """ε̂ conditioned on the known encodings, and ê, with the modalities outside `keep` [N] dropped."""
+        """ε̂ conditioned on the known encodings, ê with the modalities outside `keep` [N] dropped, the heads'
+        outputs and the learned variance's frac (or None)."""
         if keep is None:
-            eps_model, enc_model, heads = predict_fn(z, t_model)
+            eps_model, enc_model, heads, *learned = predict_fn(z, t_model)
         else:
-            eps_model, enc_model, heads = predict_fn(z, t_model, jnp.broadcast_to(keep, (batch_size, n)))
+            eps_model, enc_model, heads, *learned = predict_fn(z, t_model, jnp.broadcast_to(keep, (batch_size, n)))
             enc_model = enc_model * keep.reshape(per_mod)  # a dropped modality does not drive the process
         enc_hat = jnp.where(mask, known_enc, enc_model)
         if keep is not None:
             enc_hat = enc_hat * keep.reshape(per_mod)
-        return condition_eps(sched, t, z, eps_model, enc_model, enc_hat), enc_hat, heads
+        var_frac = learned[0] if learned else None
+        return condition_eps(sched, t, z, eps_model, enc_model, enc_hat), enc_hat, heads, var_frac
 
     def step(carry, k):
         z, x0_prev = carry if method == "dpm2m" else (carry, None)
         t = jnp.full((batch_size,), k, jnp.int32)
         t_model = jnp.full((batch_size,), model_t[k], jnp.int32)
-        eps_hat, enc_hat, heads = encodings_and_eps(z, t, t_model, present)
+        eps_hat, enc_hat, heads, var_frac = encodings_and_eps(z, t, t_model, present)
         guided = eps_hat
         for g in guidance:  # ε̂_without: the latent with modality i's shift removed, and i marked absent
             keep = present.at[g.index].set(False)
             z_without = z - process.mix_modalities(sched.c, t, enc_hat * (~keep).reshape(per_mod))
-            eps_without, _, _ = encodings_and_eps(z_without, t, t_model, keep)
+            eps_without = encodings_and_eps(z_without, t, t_model, keep)[0]
             active = (model_t[k] >= g.t_min) & (model_t[k] <= g.t_max)
             guided = guided + jnp.where(active, g.weight, 0.0) * (eps_hat - eps_without)
         eps_hat = guided
@@ -143,7 +147,10 @@ def make_reverse_step(
             z_next = mean + jnp.sqrt(var) * noise
         elif method == "ddpm":
             mean = process.p_mean(sched, t, z, eps_hat, enc_hat)
-            var = process.per_example(sched.post_var, t, z)
+            if var_frac is None:
+                var = process.per_example(sched.post_var, t, z)
+            else:  # the learned variance of this chain's step; the last step adds no noise (ADM's p_sample)
+                var = jnp.where(k > 1, jnp.exp(process.learned_log_variance(sched, t, var_frac)), 0.0)
             z_next = mean + jnp.sqrt(var) * noise
         elif method == "ddim":
             z_next = ddim_step(sched, t, z, eps_hat, enc_hat, noise, eta)
@@ -181,7 +188,7 @@ def sample(
     """Run the reverse chain from z_K ~ N(0, I) to z_0.
 
     Args:
-      method: 'ddpm' (ancestral, variance sigma~^2), 'ddim' (eta = 0 deterministic; eta = 1 ancestral-like) or
+      method: 'ddpm' (ancestral, variance sigma~^2 or the model's learned one), 'ddim' (eta = 0 deterministic; eta = 1 ancestral-like) or
         'dpm2m' (DPM-Solver++(2M) on the probability-flow ODE, see `dpm_solver_2m_step`).
       known_z0: [B, *S] a given primary (image -> other modalities), or None.
       known_enc: [B, N, *S] true encodings of the given auxiliary modalities; used where known_mask [N] is True.

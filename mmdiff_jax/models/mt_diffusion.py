@@ -18,9 +18,13 @@ class MTDiffusion(nnx.Module):
 
     A model trained with modality dropout is told which auxiliary modalities drive the process (`present`, 1 = in):
     a linear map of the presence mask, zero at initialization, is added to the time embedding. Without dropout
-    the model has no such map and ignores `present`."""
+    the model has no such map and ignores `present`.
 
-    def __init__(self, backbone: UNetConfig | ADMConfig, modalities: ModalitySet, *, rngs: nnx.Rngs):
+    With `num_classes` > 0 it is ADM's class-conditional model: an embedding of the class label (`labels` [B]) is
+    added to the time embedding. The label then is an input, not a modality: it does not drive the process."""
+
+    def __init__(self, backbone: UNetConfig | ADMConfig, modalities: ModalitySet, *, rngs: nnx.Rngs,
+                 num_classes: int = 0):
         self.backbone = BACKBONES[type(backbone)](backbone, rngs=rngs)
         # the loss draws a dropout key only for a backbone with dropout, so other models' programs stay as they were
         self.takes_dropout_key = isinstance(backbone, ADMConfig)
@@ -32,14 +36,23 @@ class MTDiffusion(nnx.Module):
         self.presence = nnx.data(
             nnx.Linear(self.num_aux, backbone.temb_dim, rngs=rngs, kernel_init=nnx.initializers.zeros_init())
             if modalities.conditions_on_presence else None)
+        self.class_embedding = nnx.data(
+            nnx.Embed(num_classes, backbone.temb_dim, rngs=rngs) if num_classes else None)
 
     def __call__(self, zt: jax.Array, t: jax.Array, present: jax.Array | None = None,
-                 dropout_key: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """`dropout_key`: the backbone's dropout in training (ignored by a backbone without dropout)."""
+                 dropout_key: jax.Array | None = None,
+                 labels: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """`dropout_key`: the backbone's dropout in training (ignored by a backbone without dropout); `labels` int
+        [B]: the class labels of a class-conditional model (required there, refused elsewhere)."""
         extra = None
         if self.presence is not None:
             if present is None:
                 present = jnp.ones((zt.shape[0], self.num_aux), jnp.float32)
             extra = self.presence(present.astype(jnp.float32))  # [B, temb_dim]
+        if (labels is None) != (self.class_embedding is None):
+            raise ValueError("a class-conditional model needs `labels` [B], and only it takes them.")
+        if labels is not None:
+            embedded = self.class_embedding(labels.astype(jnp.int32))  # [B, temb_dim]
+            extra = embedded if extra is None else extra + embedded
         eps_hat, feats = self.backbone(zt, t, extra, dropout_key)
         return eps_hat, {name: head(feats) for name, head in self.heads.items()}

@@ -22,6 +22,7 @@ class UNetConfig:
     temb_dim: int = 128
     dtype: str = "float32"  # compute dtype; params stay float32
     remat: bool = False  # recompute each ResBlock's activations in the backward pass (less memory, more FLOPs)
+    out_channels: int = 0  # 0: latent_channels (2 x that with a learned variance)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +35,7 @@ class Features:
 
 
 class UNet(nnx.Module):
-    """z_t [B, H, W, C], t [B] -> (eps_hat [B, H, W, C], Features)."""
+    """z_t [B, H, W, C], t [B] -> (eps_hat [B, H, W, out_channels or C], Features)."""
 
     def __init__(self, cfg: UNetConfig, *, rngs: nnx.Rngs):
         dtype = jnp.dtype(cfg.dtype)
@@ -62,7 +63,7 @@ class UNet(nnx.Module):
                 up.append(Upsample(ch, dtype=dtype, rngs=rngs))
         self.up = nnx.List(up)
         self.norm_out = nnx.GroupNorm(ch, num_groups=min(cfg.groups, ch), dtype=dtype, rngs=rngs)
-        self.conv_out = nnx.Conv(ch, cfg.latent_channels, (3, 3), dtype=dtype, rngs=rngs,
+        self.conv_out = nnx.Conv(ch, cfg.out_channels or cfg.latent_channels, (3, 3), dtype=dtype, rngs=rngs,
                                  kernel_init=nnx.initializers.zeros_init())
         self.feature_dim = cfg.channels[-1] + cfg.channels[0]
 
