@@ -94,6 +94,8 @@ def evaluate(config, workdir: str, tagged: bool = False) -> dict:
             results.update(_label_metrics(gen, m, key, conditional_src, joint, ev, read, out_dir))
         elif m.kind == "mask":
             results.update(_mask_metrics(gen, m, key, conditional_src, joint))
+            if "label" in conditional_src.arrays:
+                results.update(_mask_to_rest_metrics(gen, m, key, conditional_src, ev, out_dir))
         elif (m.kind == "vector" and vectors.origin(config, m.name) == vectors.EVALUATOR
               and m.name not in train_src.arrays):  # not the data's own vectors
             embed = embed or vectors.evaluator_embedding(config, workdir, train_src, test_src)
@@ -216,6 +218,23 @@ def _mask_metrics(gen, m, key, test_src, joint) -> dict:
     }
 
 
+def _mask_to_rest_metrics(gen, m, key, test_src, ev, out_dir) -> dict:
+    """mask -> the other modalities, on held-out masks of labelled data: the evaluator's reading of the generated
+    image against the true label (mask -> image accuracy) and, for a model with a label modality, the generated
+    label against it (mask -> label accuracy)."""
+    truth = test_src.arrays["label"]
+    out = gen.generate(jax.random.fold_in(key, 8), len(truth), given={m.name: test_src.arrays[m.name]})
+    metrics = {}
+    if ev is not None:
+        metrics[f"{m.name}/mask_to_image_accuracy"] = float(np.mean(ev(out[gen.diff.modalities.primary.name])[0]
+                                                                    == truth))
+        sample_lib.write_samples(out_dir, f"{m.name}_to_image", out, gen)
+    for other in gen.diff.modalities.aux:
+        if other.kind == "label":
+            metrics[f"{m.name}/mask_to_{other.name}_accuracy"] = float(np.mean(out[other.name] == truth))
+    return metrics
+
+
 def _inpainting_metrics(config, gen, key, test_src, out_dir) -> dict:
     """Inpaint every held-out image (`data.masking.source`) with `count` fixed random squares of side
     `data.masking.square`, for each count in `eval.inpainting_counts`; the unmasked pixels are kept.
@@ -271,7 +290,8 @@ def _likelihood_metrics(config, gen, key, test_arrays) -> dict:
     @jax.jit
     def run(z0, enc, batch, k):
         def denoise(zt, t):
-            pred = objective.predict(model, gen.diff, zt, t, labels=batch.get(objective.CLASS_LABELS))
+            labels = batch[objective.CLASS_LABELS] if gen.diff.num_classes else None
+            pred = objective.predict(model, gen.diff, zt, t, labels=labels)
             learned = () if pred.var_frac is None else (pred.var_frac,)
             return (pred.eps, pred.enc, mods.nlls(pred.heads, batch, zt.shape[0])) + learned
 

@@ -27,6 +27,8 @@ COLUMNS = [
     ("image→mask mIoU", "mask/image_to_mask_miou", "{:.3f}"),
     ("image→mask pixel acc.", "mask/image_to_mask_pixel_accuracy", "{:.3f}"),
     ("joint mask consistency mIoU", "mask/joint_consistency_miou", "{:.3f}"),
+    ("mask→image acc.", "mask/mask_to_image_accuracy", "{:.3f}"),
+    ("mask→label acc.", "mask/mask_to_label_accuracy", "{:.3f}"),
     ("embedding cos. to its image's", "embedding/cosine_to_image_embedding", "{:.3f}"),
     ("same, shuffled (chance)", "embedding/cosine_to_image_embedding_shuffled", "{:.3f}"),
 ]

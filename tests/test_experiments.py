@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from mmdiff_jax.configs import (digits_image_mask, digits_image_vector, digits_masked_image, mnist_image_label, mnist_image_only,
+from mmdiff_jax.configs import (digits_image_label_mask, digits_image_mask, digits_image_vector, digits_masked_image, mnist_image_label, mnist_image_only,
                      shapes_image_mask, tiny)
 from mmdiff_jax import config_check, evaluate, sample, train
 from mmdiff_jax.data import sources
@@ -92,7 +92,8 @@ def test_fashion_mnist_reads_idx_files_and_says_how_to_install(tmp_path):
     shapes_image_mask.get_config(), shapes_image_mask.get_config("segmentation_only"),
     shapes_image_mask.get_config("per_pixel_mask_loss"),
     digits_image_mask.get_config(), digits_image_mask.get_config("segmentation_only"),
-    digits_image_mask.get_config("per_pixel_mask_loss"), digits_image_vector.get_config(),
+    digits_image_mask.get_config("per_pixel_mask_loss"), digits_image_mask.get_config("any_direction"),
+    digits_image_label_mask.get_config(), digits_image_vector.get_config(),
     digits_image_vector.get_config("per_dim_vector_loss"),
     digits_masked_image.get_config(), digits_masked_image.get_config("reconstruction_only"),
     digits_masked_image.get_config("image_only"),
@@ -158,6 +159,38 @@ def test_image_vector_model_trains_samples_and_is_evaluated(vector_run):
         assert -1.0 <= results[key] <= 1.0, key
     np.testing.assert_allclose(results["bpd/total"],  # the ELBO's parts: 64 image dims, 128 embedding dims
                                (64 * results["bpd/image"] + 128 * results["bpd/embedding"]) / 192, rtol=1e-5)
+
+
+def test_mask_to_rest_metrics_read_what_is_generated_from_each_mask(tmp_path):
+    """mask -> (image, label): the evaluator's reading of each generated image and each generated label against the
+    true label of the mask's example (a stub model that answers digit (i mod 3) for example i)."""
+    from types import SimpleNamespace
+
+    truth = np.array([0, 1, 2, 0, 1, 2], np.int32)
+    masks = np.zeros((6, 8, 8), np.int32)
+    image_mod = SimpleNamespace(name="image", kind="image")
+    mask_mod = SimpleNamespace(name="mask", kind="mask", spec=SimpleNamespace(num_classes=11))
+    label_mod = SimpleNamespace(name="label", kind="label", spec=SimpleNamespace(num_classes=10))
+    mods = SimpleNamespace(primary=image_mod, aux=[label_mod, mask_mod], names=["image", "label", "mask"])
+    answer = np.arange(6) % 3
+
+    class StubGenerator:
+        diff = SimpleNamespace(modalities=mods, num_classes=0)
+        class_names = None
+
+        def generate(self, key, num, given):
+            np.testing.assert_array_equal(given["mask"], masks)
+            image = np.broadcast_to(answer[:, None, None, None].astype(np.float32), (num, 8, 8, 1))
+            return {"image": image, "mask": given["mask"], "label": np.where(np.arange(num) < 3, answer, 9)}
+
+    def evaluator(images):  # reads the class written into the image
+        return images[:, 0, 0, 0].astype(np.int32), None
+
+    src = SimpleNamespace(arrays={"label": truth, "mask": masks})
+    metrics = evaluate._mask_to_rest_metrics(StubGenerator(), mask_mod, jax.random.key(0), src, evaluator,
+                                             str(tmp_path))
+    assert metrics == {"mask/mask_to_image_accuracy": 1.0, "mask/mask_to_label_accuracy": 0.5}
+    assert os.path.getsize(os.path.join(str(tmp_path), "mask_to_image.png")) > 0
 
 
 def test_vectors_from_an_npz_are_checked_and_standardized(tmp_path):

@@ -4,6 +4,7 @@
     python -m mmdiff_jax.main --config digits_image_mask:segmentation_only --workdir runs/digits_seg_only
 
 `segmentation_only`: the baseline with the same backbone, data and steps, trained without the noise-matching term.
+`any_direction`: mask dropout 0.15 (the two-modality counterpart of `digits_image_label_mask`).
 `per_pixel_mask_loss`: the mask's NLL (summed over its 64 pixels) weighted by 1/64, one number per pixel like L0.
 
     python -m mmdiff_jax.main --config digits_image_mask:per_pixel_mask_loss --workdir runs/digits_mask_pp
@@ -11,7 +12,7 @@
 
 from mmdiff_jax import config_base
 
-PRESETS = ("", "segmentation_only", "per_pixel_mask_loss")
+PRESETS = ("", "segmentation_only", "per_pixel_mask_loss", "any_direction")
 
 
 def get_config(preset: str = ""):
@@ -20,7 +21,8 @@ def get_config(preset: str = ""):
     c = config_base.get_base_config()
     loss_weight = 1.0 / (8 * 8) if preset == "per_pixel_mask_loss" else 1.0
     c.modalities.mask = dict(kind="mask", shape=(8, 8), num_classes=11, weight_schedule="profile",
-                             weight_scale=1.0, loss_weight=loss_weight)
+                             weight_scale=1.0, loss_weight=loss_weight,
+                             dropout=0.15 if preset == "any_direction" else 0.0)
     c.data.source = "digits_masks"
     if preset == "segmentation_only":
         c.diffusion.loss_weights.l0 = 0.0
