@@ -1,6 +1,6 @@
 """The ADM backbone: guided-diffusion's ImageNet-64 parameter count (abstract shapes, nothing allocated); attention
 against a float64 reference; zero-initialised output; jit == no jit; remat changes nothing; dropout only with a key;
-a few training steps of the composed model with the ADM denoiser."""
+the composed model trains with it in tests/test_imagenet64_recipe.py."""
 
 import chex
 import jax
@@ -8,8 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mmdiff_jax.configs import tiny
-from mmdiff_jax import train
 from mmdiff_jax.models import adm
 
 TINY = adm.ADMConfig(image_size=8, latent_channels=1, channels=(16, 32), blocks_per_level=1,
@@ -83,33 +81,21 @@ def test_remat_and_dropout():
     remat = nnx.merge(nnx.graphdef(adm.ADM(adm.ADMConfig(**{**TINY.__dict__, "remat": True}), rngs=nnx.Rngs(0))),
                       nnx.state(base))
     loss = lambda m: jnp.sum(m(z, t)[0] ** 2)  # noqa: E731
-    np.testing.assert_allclose(loss(base), loss(remat), rtol=1e-6)
-    g1, g2 = nnx.grad(loss)(base), nnx.grad(loss)(remat)
+    np.testing.assert_allclose(nnx.jit(loss)(base), nnx.jit(loss)(remat), rtol=1e-6)
+    grad = nnx.jit(nnx.grad(loss))  # compiled once per model (op by op, a backward pass is slow)
+    g1, g2 = grad(base), grad(remat)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g1, g2)
     dropping = nnx.merge(nnx.graphdef(adm.ADM(adm.ADMConfig(**{**TINY.__dict__, "dropout": 0.5}), rngs=nnx.Rngs(0))),
                          nnx.state(base))
     key = jax.random.key(4)
-    np.testing.assert_array_equal(dropping(z, t)[0], base(z, t)[0])  # no key: deterministic
-    assert not np.allclose(dropping(z, t, dropout_key=key)[0], base(z, t)[0])
-    np.testing.assert_array_equal(base(z, t, dropout_key=key)[0], base(z, t)[0])  # rate 0: the key changes nothing
+    run = nnx.jit(lambda m, k: m(z, t, dropout_key=k)[0])
+    plain = run(base, None)
+    np.testing.assert_array_equal(run(dropping, None), plain)  # no key: deterministic
+    assert not np.allclose(run(dropping, key), plain)
+    np.testing.assert_array_equal(run(base, key), plain)  # rate 0: the key changes nothing
     x = jnp.ones((100_000,))
     dropped = adm._dropout(x, 0.25, key)
     assert abs(float(jnp.mean(dropped == 0)) - 0.25) < 0.01 and abs(float(jnp.mean(dropped)) - 1.0) < 0.02
-
-
-def test_a_few_training_steps_with_the_adm_backbone(tmp_path):
-    c = tiny.get_config()
-    c.model.backbone = "adm"
-    c.model.channels = (16, 32)
-    c.model.groups = 8
-    c.model.attention_resolutions = (4,)
-    c.model.num_head_channels = 8
-    c.model.dropout = 0.1
-    c.train.num_steps = 3
-    c.mesh.data = 1
-    state = jax.device_get(train.train(c, str(tmp_path)))
-    assert int(state.step) == 3 and int(state.skipped) == 0
-    assert "backbone" in state.params and "mid_attn" in state.params["backbone"]
 
 
 def test_attention_sits_at_exactly_the_configured_resolutions():

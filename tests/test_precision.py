@@ -1,6 +1,8 @@
 """The memory and precision switches: `model.remat` (gradient checkpointing per U-Net ResBlock) gives the same loss
 and gradients, and `model.dtype = 'bfloat16'` computes in bf16 with float32 parameters, within bf16's precision."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,8 +30,14 @@ def _loss_and_grads(**model_overrides):
     return params, loss, grads, jax.make_jaxpr(jax.value_and_grad(loss_fn))(params)
 
 
+@functools.cache
+def _float32_reference():
+    """The default model's loss and gradients, computed once for both tests."""
+    return _loss_and_grads()
+
+
 def test_remat_gives_the_same_loss_and_gradients():
-    params, loss, grads, jaxpr = _loss_and_grads()
+    params, loss, grads, jaxpr = _float32_reference()
     params_r, loss_r, grads_r, jaxpr_r = _loss_and_grads(remat=True)
     jax.tree.map(np.testing.assert_array_equal, params, params_r)  # same init
     assert "checkpoint" in str(jaxpr_r) or "remat" in str(jaxpr_r)
@@ -39,7 +47,7 @@ def test_remat_gives_the_same_loss_and_gradients():
 
 
 def test_bfloat16_compute_keeps_float32_params_and_matches_float32():
-    params, loss, grads, _ = _loss_and_grads()
+    params, loss, grads, _ = _float32_reference()
     params16, loss16, grads16, jaxpr16 = _loss_and_grads(dtype="bfloat16")
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params16))  # fp32 master weights
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(grads16))

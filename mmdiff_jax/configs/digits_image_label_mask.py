@@ -1,6 +1,7 @@
 """Three modalities in one model, the article's stated future work: image + label + segmentation mask on the 8x8
 digits (ink pixels take class 1 + digit, the rest background), trained with modality dropout on the label and the
-mask (each left out of the forward process with probability 0.15), so one model serves every direction: joint,
+mask (each left out of the forward process with probability 0.15; the mask's NLL weighted per pixel, as
+`digits_image_mask:per_pixel_mask_loss`), so one model serves every direction: joint,
 label -> (image, mask), image -> (label, mask) and mask -> (image, label). The evaluation reports each direction.
 
     python -m mmdiff_jax.main --config digits_image_label_mask --workdir runs/digits_three
@@ -22,5 +23,5 @@ def get_config(preset: str = ""):
     c.modalities.label = dict(kind="label", num_classes=10, weight_schedule="profile", weight_scale=1.0,
                               loss_weight=1.0, dropout=0.15)
     c.modalities.mask = dict(kind="mask", shape=(8, 8), num_classes=11, weight_schedule="profile", weight_scale=1.0,
-                             loss_weight=1.0, dropout=0.15)
+                             loss_weight=1.0 / (8 * 8), dropout=0.15)  # one number per pixel, like L0
     return c

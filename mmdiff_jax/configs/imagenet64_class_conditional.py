@@ -10,14 +10,12 @@ no head.
 """
 
 from mmdiff_jax import config_base
+from mmdiff_jax.configs import imagenet64_image_only
 
 PRESETS = config_base.IMAGENET64_PRESETS
 
 
 def get_config(preset: str = ""):
-    c = config_base.get_base_config()
-    c.latent_shape = (64, 64, 3)  # checked against the shards when they are there
-    c.modalities.image = dict(kind="image", shape=(64, 64, 3))
+    c = imagenet64_image_only.get_config(preset)  # the unconditional baseline, plus the label as an input
     c.model.num_classes = 1000
-    config_base.use_imagenet64_recipe(c, preset)
     return c
