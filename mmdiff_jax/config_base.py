@@ -65,7 +65,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     # l3 prior KL + reconstruction
     c.diffusion.loss_weights = ml_collections.ConfigDict({"l0": 1.0, "l1": 0.0, "l2": 1.0, "l3": 0.0})
     # what the backbone outputs: eps (ε̂ itself) | composite (the noise plus the auxiliary codes' share of z_t, whose
-    # code part the heads' expected encodings then explain: objective.predict)
+    # code part the heads' expected encodings then explain) | read_codes (label codes read out of z_t in closed form
+    # and removed before the backbone, the read classes in its time embedding: objective.predict, code_reader.py)
     c.diffusion.denoiser_output = "eps"
     c.diffusion.bin_width = 0.125  # grid spacing of the image data (digits: 17 grey levels in [-1, 1])
 

@@ -13,7 +13,7 @@ import jax
 from mmdiff_jax import modalities as modalities_lib
 from mmdiff_jax import objective
 from mmdiff_jax.data import sources
-from mmdiff_jax.diffusion import losses, samplers, schedules
+from mmdiff_jax.diffusion import code_reader, losses, samplers, schedules
 from mmdiff_jax.errors import UserError
 
 
@@ -169,6 +169,10 @@ def validate(config, device_count: int | None = None, process_count: int | None 
     except (modalities_lib.ModalityError, TypeError) as e:
         c.problems.append(str(e))
     c.choice("diffusion.denoiser_output", set(objective.DENOISER_OUTPUTS))
+    if c.get("diffusion.denoiser_output") == "read_codes" and not any(
+            dict(m).get("kind") in code_reader.read_kinds() for m in config.get("modalities", {}).values()):
+        c.problems.append("diffusion.denoiser_output: 'read_codes' reads the codes of label modalities and this config "
+                          "has none; use 'eps' or 'composite'.")
     # data
     c.choice("data.source", sources.SOURCES)
     batch = c.int_range("data.global_batch_size", 1)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmdiff_jax import modalities as modalities_lib
-from mmdiff_jax.diffusion import losses, process, schedules
+from mmdiff_jax.diffusion import code_reader, losses, process, schedules
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +34,11 @@ class Diffusion:
     @property
     def num_steps(self) -> int:
         return self.sched.num_steps
+
+    @property
+    def read_classes(self) -> int:
+        """Width of the code reader's class probabilities the model takes (0: the codes are not read)."""
+        return code_reader.num_read_classes(self.modalities) if self.denoiser_output == "read_codes" else 0
 
 
 def modality_specs(config) -> list[modalities_lib.ModalitySpec]:
@@ -81,7 +86,7 @@ def build_diffusion(config) -> Diffusion:
 CLASS_LABELS = "label"  # the batch field a class-conditional model reads
 
 
-DENOISER_OUTPUTS = ("eps", "composite")
+DENOISER_OUTPUTS = ("eps", "composite", "read_codes")
 
 
 class Prediction(NamedTuple):
@@ -102,26 +107,37 @@ def predict(model, diff: Diffusion, zt: jax.Array, t: jax.Array, present: jax.Ar
       'eps'        r = ε̂ (SPEC §1): the backbone alone must also subtract the auxiliary codes' share of z_t;
       'composite'  r predicts the composite noise (z_t - abar_t z_0) / s_t = ε + sum_i c_t(i) e_i / s_t, and
                    ε̂ = r - sum_i c_t(i) ê_i / s_t, the codes' share explained by the heads' expected encodings.
-    Both give the same ẑ_0 formula and loss terms; 'composite' spares a convolutional backbone from reproducing
-    each code's pattern pixel by pixel (ẑ_0 = (z_t - s_t r) / abar_t depends on r alone). With `diff.learn_sigma`
+      'read_codes' the label codes are read out of z_t in closed form (diffusion/code_reader.py: class probabilities p,
+                   expected codes ẽ); the backbone reads z~_t = z_t - sum_i c_t(i) ẽ_i with p added to its time
+                   embedding, r predicts (z~_t - abar_t z_0) / s_t, and ε̂ = r + sum_i c_t(i) (ẽ_i - ê_i) / s_t.
+    All give the same ẑ_0 formula and loss terms; 'composite' spares a convolutional backbone from reproducing
+    each code's pattern pixel by pixel (ẑ_0 = (z_t - s_t r) / abar_t depends on r alone); 'read_codes' also spares
+    it from denoising through the codes (ẑ_0 = (z~_t - s_t r) / abar_t: an image denoiser told the read classes). With `diff.learn_sigma`
     the backbone's output has twice the latent's channels: r, then v (ADM's layout). `labels` int [B]: the class
     labels of a class-conditional model (`diff.num_classes` > 0).
     """
     kwargs = {} if labels is None else {"labels": labels}
+    mods = diff.modalities
+    model_input = zt
+    if diff.denoiser_output == "read_codes":
+        kwargs["read_probs"], enc_read = code_reader.read(mods, diff.sched, zt, t, present)
+        model_input = zt - process.mix_modalities(diff.sched.c, t, enc_read)
     if dropout_key is not None and getattr(model, "takes_dropout_key", False):  # a backbone with dropout (ADM)
         kwargs["dropout_key"] = dropout_key
-    out, heads = model(zt, t, present, **kwargs)
+    out, heads = model(model_input, t, present, **kwargs)
     var_frac = None
     if diff.learn_sigma:
         channels = zt.shape[-1]
         out, var_frac = out[..., :channels], (out[..., channels:] + 1.0) / 2.0
-    mods = diff.modalities
     enc_hat = mods.expected_encodings(heads, zt.shape[0])
     if present is not None:
         enc_hat = enc_hat * _per_modality(present.astype(enc_hat.dtype), enc_hat)
     if diff.denoiser_output == "composite":
         shift = process.mix_modalities(diff.sched.c, t, enc_hat)
         out = out - shift / process.per_example(diff.sched.s, t, zt)
+    elif diff.denoiser_output == "read_codes":
+        shift = process.mix_modalities(diff.sched.c, t, enc_read - enc_hat)
+        out = out + shift / process.per_example(diff.sched.s, t, zt)
     return Prediction(out, enc_hat, heads, var_frac)
 
 

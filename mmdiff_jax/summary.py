@@ -62,12 +62,12 @@ def summarize(config) -> dict:
     diff = objective.build_diffusion(config)
     backbone = train.backbone_config(config)
     model = nnx.eval_shape(lambda: MTDiffusion(backbone, diff.modalities, rngs=nnx.Rngs(config.seed),
-                                               num_classes=diff.num_classes))
+                                               num_classes=diff.num_classes, read_classes=diff.read_classes))
     graphdef, params = nnx.split(model, nnx.Param)
     counts = {"backbone": _count(params["backbone"])}
     for name in params.get("heads", {}):
         counts[f"heads.{name}"] = _count(params["heads"][name])
-    for extra in ("presence", "class_embedding"):
+    for extra in ("presence", "class_embedding", "read_embedding"):
         if extra in params:
             counts[extra] = _count(params[extra])
     counts["total"] = _count(params)

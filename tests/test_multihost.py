@@ -19,6 +19,8 @@ from mmdiff_jax.configs import tiny
 from mmdiff_jax import checkpointing, parallel, train
 from mmdiff_jax.errors import UserError
 
+pytestmark = pytest.mark.multiprocess  # run alone under pytest-xdist (tests/conftest.py)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHER = os.path.join(REPO, "launch", "local_multiprocess.sh")
 KEYS = ("loss/total", "loss/l0", "loss/l2", "grad_norm")

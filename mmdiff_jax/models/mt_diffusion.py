@@ -21,10 +21,14 @@ class MTDiffusion(nnx.Module):
     the model has no such map and ignores `present`.
 
     With `num_classes` > 0 it is ADM's class-conditional model: an embedding of the class label (`labels` [B]) is
-    added to the time embedding. The label then is an input, not a modality: it does not drive the process."""
+    added to the time embedding. The label then is an input, not a modality: it does not drive the process.
+
+    With `read_classes` > 0 (`diffusion.denoiser_output = 'read_codes'`) the code reader's class probabilities
+    (`read_probs` [B, read_classes], diffusion/code_reader.py) enter through a linear map, zero at initialization,
+    added to the time embedding."""
 
     def __init__(self, backbone: UNetConfig | ADMConfig, modalities: ModalitySet, *, rngs: nnx.Rngs,
-                 num_classes: int = 0):
+                 num_classes: int = 0, read_classes: int = 0):
         self.backbone = BACKBONES[type(backbone)](backbone, rngs=rngs)
         # the loss draws a dropout key only for a backbone with dropout, so other models' programs stay as they were
         self.takes_dropout_key = isinstance(backbone, ADMConfig)
@@ -38,12 +42,17 @@ class MTDiffusion(nnx.Module):
             if modalities.conditions_on_presence else None)
         self.class_embedding = nnx.data(
             nnx.Embed(num_classes, backbone.temb_dim, rngs=rngs) if num_classes else None)
+        self.read_embedding = nnx.data(
+            nnx.Linear(read_classes, backbone.temb_dim, rngs=rngs, kernel_init=nnx.initializers.zeros_init())
+            if read_classes else None)
 
     def __call__(self, zt: jax.Array, t: jax.Array, present: jax.Array | None = None,
                  dropout_key: jax.Array | None = None,
-                 labels: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+                 labels: jax.Array | None = None,
+                 read_probs: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
         """`dropout_key`: the backbone's dropout in training (ignored by a backbone without dropout); `labels` int
-        [B]: the class labels of a class-conditional model (required there, refused elsewhere)."""
+        [B]: the class labels of a class-conditional model (required there, refused elsewhere); `read_probs`: the
+        code reader's class probabilities (required with `read_classes`, refused elsewhere)."""
         extra = None
         if self.presence is not None:
             if present is None:
@@ -53,6 +62,11 @@ class MTDiffusion(nnx.Module):
             raise ValueError("a class-conditional model needs `labels` [B], and only it takes them.")
         if labels is not None:
             embedded = self.class_embedding(labels.astype(jnp.int32))  # [B, temb_dim]
+            extra = embedded if extra is None else extra + embedded
+        if (read_probs is None) != (self.read_embedding is None):
+            raise ValueError("a model built with read_classes needs `read_probs` [B, read_classes], and only it.")
+        if read_probs is not None:
+            embedded = self.read_embedding(read_probs.astype(jnp.float32))  # [B, temb_dim]
             extra = embedded if extra is None else extra + embedded
         eps_hat, feats = self.backbone(zt, t, extra, dropout_key)
         return eps_hat, {name: head(feats) for name, head in self.heads.items()}

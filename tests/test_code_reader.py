@@ -1,0 +1,179 @@
+"""The closed-form label-code reader (diffusion/code_reader.py) and `diffusion.denoiser_output = 'read_codes'`:
+float64 Gaussian reference, Monte-Carlo calibration, how `objective.predict` uses it, and one training step."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl.testing import parameterized
+from flax import nnx
+
+from mmdiff_jax import config_check, modalities, objective, train
+from mmdiff_jax.configs import tiny
+from mmdiff_jax.diffusion import code_reader, process
+from mmdiff_jax.errors import UserError
+
+SHAPE = (8, 8, 2)
+
+
+def _reference_log_posterior(codes, z, c, var):
+    """float64: log p(k | z) for z = (per-channel constants) + c e_k + N(0, var I), flat prior on the constants and a
+    uniform one on k: the Gaussian log-likelihood of z projected off the per-channel constants, normalised over k."""
+    codes, z = np.asarray(codes, np.float64), np.asarray(z, np.float64)
+    def off_constants(x):  # the projection P: subtract each channel's spatial mean
+        return x - x.mean(axis=(-3, -2), keepdims=True)
+    resid = off_constants(z[:, None] - c[:, None, None, None, None] * codes[None])  # [B, K, *S]
+    loglik = -0.5 * np.sum(resid.reshape(resid.shape[:2] + (-1,)) ** 2, axis=-1) / var[:, None]
+    return loglik - np.logaddexp.reduce(loglik, axis=1, keepdims=True)
+
+
+class ClassLogitsTest(parameterized.TestCase):
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_matches_the_float64_gaussian_posterior(self):
+        codes = modalities.unit_rms_codes(5, SHAPE, seed=1)
+        keys = jax.random.split(jax.random.key(0), 3)
+        labels = np.array([0, 1, 2, 3, 4, 2])
+        c = np.array([0.02, 0.05, 0.1, 0.2, 0.5, 0.0], np.float32)
+        var = np.array([1.0, 0.9, 1.3, 0.7, 1.0, 1.0], np.float32)
+        brightness = 3.0 * jax.random.normal(keys[0], (6, 1, 1, SHAPE[-1]))  # per-channel constants, any size
+        z = brightness + c[:, None, None, None] * codes[labels] + np.sqrt(var)[:, None, None, None] * jax.random.normal(
+            keys[1], (6,) + SHAPE)
+        logits = self.variant(code_reader.class_logits)(jnp.asarray(codes), z, jnp.asarray(c), jnp.asarray(var))
+        chex.assert_shape(logits, (6, 5))
+        chex.assert_type(logits, jnp.float32)
+        got = np.asarray(jax.nn.log_softmax(logits, axis=-1), np.float64)
+        np.testing.assert_allclose(got, _reference_log_posterior(codes, z, c, var), atol=2e-4)
+        np.testing.assert_allclose(got[-1], -np.log(5.0), atol=1e-6)  # c = 0: nothing to read
+
+
+def test_reader_is_calibrated_when_its_assumptions_hold():
+    """Monte Carlo: with z drawn exactly from the reader's model (random brightness per channel, a uniform class,
+    Gaussian noise of variance v), the posterior is exact, so E[p(true class)] = E[sum_k p_k^2] and the accuracy of
+    its argmax is E[max_k p_k]."""
+    n, k = 40000, 6
+    codes = modalities.unit_rms_codes(k, SHAPE, seed=2)
+    keys = jax.random.split(jax.random.key(3), 3)
+    labels = jax.random.randint(keys[0], (n,), 0, k)
+    var = 1.0
+    c = 0.12  # an uncertain regime: mean max p about 0.6
+    brightness = 2.0 * jax.random.normal(keys[1], (n, 1, 1, SHAPE[-1]))
+    z = brightness + c * jnp.asarray(codes)[labels] + jnp.sqrt(var) * jax.random.normal(keys[2], (n,) + SHAPE)
+    p = jax.nn.softmax(code_reader.class_logits(jnp.asarray(codes), z, jnp.full((n,), c), jnp.full((n,), var)))
+    p = np.asarray(p, np.float64)
+    p_true = p[np.arange(n), np.asarray(labels)]
+    assert 0.4 < np.mean(p.max(axis=1)) < 0.85  # the test is in the regime where calibration can fail
+    se = 4 * np.std(p_true) / np.sqrt(n)
+    np.testing.assert_allclose(np.mean(p_true), np.mean(np.sum(p**2, axis=1)), atol=se)
+    accuracy = np.mean(p.argmax(axis=1) == np.asarray(labels))
+    np.testing.assert_allclose(accuracy, np.mean(p.max(axis=1)), atol=4 * 0.5 / np.sqrt(n))
+
+
+def _diffusion(output="read_codes", dropout=0.0):
+    config = tiny.get_config()
+    config.diffusion.denoiser_output = output
+    config.modalities.label.dropout = dropout
+    return config, objective.build_diffusion(config)
+
+
+class _RecordingModel:
+    """Fixed backbone output r and head logits; records what it was given."""
+
+    takes_dropout_key = False
+
+    def __init__(self, r, logits):
+        self.r, self.logits, self.seen = r, logits, {}
+
+    def __call__(self, zt, t, present=None, read_probs=None):
+        self.seen.update(zt=zt, read_probs=read_probs)
+        return self.r, {"label": self.logits}
+
+
+def _draw(diff, t, seed=0, batch=6):
+    keys = jax.random.split(jax.random.key(seed), 3)
+    labels = jnp.arange(batch) % 10
+    z0 = jax.random.uniform(keys[0], (batch, 8, 8, 1), minval=-1, maxval=1)
+    eps = jax.random.normal(keys[1], z0.shape)
+    enc = diff.modalities.encode({"image": z0, "label": labels})
+    return labels, z0, eps, process.q_sample(diff.sched, t, z0, enc, eps)
+
+
+def test_predict_reads_the_codes_removes_them_and_explains_them_by_the_heads():
+    _, diff = _diffusion()
+    assert diff.read_classes == 10
+    t = jnp.array([1, 10, 37, 50, 80, 100], jnp.int32)
+    labels, z0, eps, zt = _draw(diff, t)
+    r = jax.random.normal(jax.random.key(5), zt.shape)
+    logits = 3.0 * jax.random.normal(jax.random.key(6), (6, 10))
+    model = _RecordingModel(r, logits)
+    eps_hat, enc_hat, *_ = objective.predict(model, diff, zt, t)
+    probs, enc_read = code_reader.read(diff.modalities, diff.sched, zt, t)
+    chex.assert_shape(probs, (6, 10))
+    np.testing.assert_allclose(np.asarray(model.seen["read_probs"]), np.asarray(probs))
+    c = np.asarray(diff.sched.c)[np.asarray(t), 0].reshape(-1, 1, 1, 1)
+    s = np.asarray(diff.sched.s)[np.asarray(t)].reshape(-1, 1, 1, 1)
+    abar = np.asarray(diff.sched.abar)[np.asarray(t)].reshape(-1, 1, 1, 1)
+    z_tilde = np.asarray(zt) - c * np.asarray(enc_read[:, 0])
+    np.testing.assert_allclose(np.asarray(model.seen["zt"]), z_tilde, atol=1e-6)  # the backbone's input
+    np.testing.assert_allclose(np.asarray(eps_hat),
+                               np.asarray(r) + c * (np.asarray(enc_read[:, 0]) - np.asarray(enc_hat[:, 0])) / s,
+                               atol=1e-5)
+    # ẑ_0 is the backbone's denoising of the latent without the read codes: (z~_t - s_t r) / abar_t
+    z0_hat = process.predict_z0(diff.sched, t, zt, eps_hat, enc_hat)
+    np.testing.assert_allclose(np.asarray(z0_hat), (z_tilde - s * np.asarray(r)) / abar, rtol=1e-4, atol=1e-4)
+    # where the code is large (t = 37, 50: c_t near its peak of 1) the reader is certain of the true class
+    np.testing.assert_array_equal(np.asarray(probs.argmax(axis=1))[2:4], np.asarray(labels)[2:4])
+    assert float(jnp.min(probs[2:4].max(axis=1))) > 0.99
+
+
+def test_the_true_image_noise_and_a_certain_head_give_the_forward_noise():
+    """r = (z~_t - abar z_0) / s_t and a head certain of the true label give ε̂ = ε exactly, whatever was read."""
+    _, diff = _diffusion()
+    t = jnp.array([2, 20, 40, 60, 80, 99], jnp.int32)
+    labels, z0, eps, zt = _draw(diff, t, seed=1)
+    _, enc_read = code_reader.read(diff.modalities, diff.sched, zt, t)
+    z_tilde = zt - process.mix_modalities(diff.sched.c, t, enc_read)
+    r = (z_tilde - process.per_example(diff.sched.abar, t, z0) * z0) / process.per_example(diff.sched.s, t, z0)
+    eps_hat, *_ = objective.predict(_RecordingModel(r, 1e4 * jax.nn.one_hot(labels, 10)), diff, zt, t)
+    np.testing.assert_allclose(np.asarray(eps_hat), np.asarray(eps), atol=2e-4)
+
+
+def test_an_absent_modality_is_not_read():
+    _, diff = _diffusion(dropout=0.2)
+    t = jnp.array([40, 50, 60, 70, 80, 90], jnp.int32)
+    _, _, _, zt = _draw(diff, t)
+    absent = jnp.zeros((6, 1), jnp.float32)
+    model = _RecordingModel(jnp.zeros_like(zt), jnp.zeros((6, 10)))
+    objective.predict(model, diff, zt, t, absent)
+    np.testing.assert_array_equal(np.asarray(model.seen["read_probs"]), 0.0)
+    np.testing.assert_array_equal(np.asarray(model.seen["zt"]), np.asarray(zt))
+
+
+def test_one_training_step_trains_the_read_embedding():
+    config, diff = _diffusion()
+    graphdef, params = train.create_model(config, diff)
+    assert params["read_embedding"]["kernel"].shape == (10, config.model.temb_dim)
+    batch = {"image": jax.random.uniform(jax.random.key(0), (8, 8, 8, 1), minval=-1, maxval=1),
+             "label": jnp.arange(8) % 10}
+
+    @jax.jit
+    def loss_and_grads(p):
+        return jax.value_and_grad(lambda q: objective.compute_loss(nnx.merge(graphdef, q), diff, batch,
+                                                                   jax.random.key(1))[0])(p)
+
+    loss, grads = loss_and_grads(params)
+    assert np.isfinite(float(loss))
+    assert float(jnp.max(jnp.abs(grads["read_embedding"]["kernel"]))) > 0.0
+    with pytest.raises(ValueError, match="read_probs"):  # the model refuses to run without what it was built for
+        nnx.merge(graphdef, params)(batch["image"], jnp.ones((8,), jnp.int32))
+
+
+def test_read_codes_without_a_label_modality_is_refused_in_one_line():
+    config = tiny.get_config()
+    del config.modalities["label"]
+    config.diffusion.denoiser_output = "read_codes"
+    with pytest.raises(UserError, match="diffusion.denoiser_output: 'read_codes'"):
+        config_check.validate(config)
