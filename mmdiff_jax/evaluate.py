@@ -166,11 +166,8 @@ def _label_metrics(gen, m, key, test_src, joint, ev, read, out_dir) -> dict:
     if ev is None:  # no evaluator for this data
         return metrics
     metrics[f"{m.name}/agreement"] = float(np.mean(labels == read))
-    wanted = np.arange(n, dtype=np.int32) % num_classes
-    cond = gen.generate(jax.random.fold_in(key, 2), n, given={m.name: wanted})
-    cond_read, _ = ev(cond[image_name])
-    metrics[f"{m.name}/label_to_image_accuracy"] = float(np.mean(cond_read == wanted))
-    sample_lib.write_samples(out_dir, f"{m.name}_to_image", cond, gen, sort_grid_by_label=True)
+    metrics[f"{m.name}/label_to_image_accuracy"], wanted = _label_to_image(gen, m.name, num_classes, n, key, ev,
+                                                                           out_dir)
     if gen.diff.modalities.conditions_on_presence:
         # classifier-free guidance on the label, the same noise: each weight under sample.guidance_interval, each
         # nonzero one also under the eval.guidance_intervals (suffix _t<t_min>-<t_max>)
@@ -194,12 +191,19 @@ def _label_metrics(gen, m, key, test_src, joint, ev, read, out_dir) -> dict:
 def _class_conditional_metrics(gen, key, ev, out_dir) -> dict:
     """A class-conditional model (ADM's baseline): label -> image accuracy, the evaluator reading the requested
     class, on the same labels and key as a joint model's `label/label_to_image_accuracy`."""
-    n = gen.config.eval.num_samples
-    wanted = np.arange(n, dtype=np.int32) % gen.diff.num_classes
-    cond = gen.generate(jax.random.fold_in(key, 2), n, given={objective.CLASS_LABELS: wanted})
-    sample_lib.write_samples(out_dir, f"{objective.CLASS_LABELS}_to_image", cond, gen, sort_grid_by_label=True)
-    accuracy = float(np.mean(ev(cond[gen.diff.modalities.primary.name])[0] == wanted))
+    accuracy, _ = _label_to_image(gen, objective.CLASS_LABELS, gen.diff.num_classes, gen.config.eval.num_samples,
+                                  key, ev, out_dir)
     return {f"{objective.CLASS_LABELS}/label_to_image_accuracy": accuracy}
+
+
+def _label_to_image(gen, name, num_classes, n, key, ev, out_dir) -> tuple[float, np.ndarray]:
+    """n images generated for the requested labels 0, 1, ..., K-1, 0, ... of `name` (a label modality or a
+    class-conditional model's labels), written as `<name>_to_image`; returns (the share the evaluator reads as
+    requested, the requested labels [n])."""
+    wanted = np.arange(n, dtype=np.int32) % num_classes
+    cond = gen.generate(jax.random.fold_in(key, 2), n, given={name: wanted})
+    sample_lib.write_samples(out_dir, f"{name}_to_image", cond, gen, sort_grid_by_label=True)
+    return float(np.mean(ev(cond[gen.diff.modalities.primary.name])[0] == wanted)), wanted
 
 
 def _mask_metrics(gen, m, key, test_src, joint) -> dict:
@@ -281,7 +285,7 @@ def _likelihood_metrics(config, gen, key, test_arrays) -> dict:
     over its dimensions), each auxiliary modality (its decoder NLL at t = 1 over its own dimensions), and the total."""
     mods = gen.diff.modalities
     num = min(config.eval.elbo_examples, len(test_arrays[mods.primary.name]))
-    names = mods.names + ([objective.CLASS_LABELS] if gen.diff.num_classes else [])
+    names = mods.names + gen.diff.input_fields
     batch = {name: jnp.asarray(test_arrays[name][:num]) for name in names}
     z0 = batch[mods.primary.name].astype(jnp.float32)
     enc = mods.encode(batch)

@@ -36,6 +36,11 @@ class Diffusion:
         return self.sched.num_steps
 
     @property
+    def input_fields(self) -> list[str]:
+        """Batch fields the model reads besides the modalities: a class-conditional model's class labels."""
+        return [CLASS_LABELS] if self.num_classes else []
+
+    @property
     def read_classes(self) -> int:
         """Width of the code reader's class probabilities the model takes (0: the codes are not read)."""
         return code_reader.num_read_classes(self.modalities) if self.denoiser_output == "read_codes" else 0

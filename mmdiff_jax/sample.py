@@ -93,7 +93,7 @@ class Generator:
         given = dict(given or {})
         mods = self.diff.modalities
         aux_names = [m.name for m in mods.aux]
-        class_field = [objective.CLASS_LABELS] if self.diff.num_classes else []
+        class_field = self.diff.input_fields
         unknown = sorted((set(given) - set(mods.names + class_field)) | (set(absent) - set(aux_names)))
         if unknown:
             raise ValueError(f"given or absent modalities {unknown} are not among the model's {mods.names}.")

@@ -224,7 +224,7 @@ def train(config, workdir: str, num_steps: int | None = None) -> TrainState:
     masked = masking.spec_from_config(config)
     # Arrays no modality uses are never read; a masked image is made from its source on the fly.
     train_source = train_source.select(diff.modalities.names + ([masked.source] if masked else [])
-                                       + ([objective.CLASS_LABELS] if diff.num_classes else []))
+                                       + diff.input_fields)
     random_maps = ([augment.RandomFlip()] if config.data.flip else []) + (
         [masking.AddMaskedImage(masked)] if masked else [])
     data_iter = pipeline.train_iterator(
