@@ -177,3 +177,26 @@ def test_read_codes_without_a_label_modality_is_refused_in_one_line():
     config.diffusion.denoiser_output = "read_codes"
     with pytest.raises(UserError, match="diffusion.denoiser_output: 'read_codes'"):
         config_check.validate(config)
+
+
+def test_read_codes_l0_is_the_image_noise_loss_of_the_backbone():
+    """With 'read_codes', L0 = ‖r - (z~_t - abar_t z_0) / s_t‖² per dimension: the heads' code errors do not enter it."""
+    config, diff = _diffusion()
+    batch = {"image": jax.random.uniform(jax.random.key(0), (6, 8, 8, 1), minval=-1, maxval=1),
+             "label": jnp.arange(6) % 10}
+    key = jax.random.key(4)
+    r = jax.random.normal(jax.random.key(5), (6, 8, 8, 1))
+    logits = 3.0 * jax.random.normal(jax.random.key(6), (6, 10))
+    _, metrics = objective.compute_loss(_RecordingModel(r, logits), diff, batch, key)
+    # the draws compute_loss makes from `key` (t, ε), repeated here
+    t_key, eps_key = jax.random.split(key)
+    t = process.sample_timesteps(t_key, 6, diff.num_steps)
+    eps = jax.random.normal(eps_key, batch["image"].shape, jnp.float32)
+    enc = diff.modalities.encode(batch)
+    zt = process.q_sample(diff.sched, t, batch["image"], enc, eps)
+    _, enc_read = code_reader.read(diff.modalities, diff.sched, zt, t)
+    z_tilde = zt - process.mix_modalities(diff.sched.c, t, enc_read)
+    target = (z_tilde - process.per_example(diff.sched.abar, t, zt) * batch["image"]) / process.per_example(
+        diff.sched.s, t, zt)
+    expected = np.mean(np.mean((np.asarray(r) - np.asarray(target)) ** 2, axis=(1, 2, 3)))
+    np.testing.assert_allclose(float(metrics["loss/l0"]), expected, rtol=1e-4)
