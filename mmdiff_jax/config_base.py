@@ -55,6 +55,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     # > 0: ADM's class-conditional model (a baseline): the batch's integer "label" is embedded and added to the time
     # embedding; it is an input, not a modality (no forward-process shift, no head)
     c.model.num_classes = 0
+    # False: the heads read the backbone's features through a stop-gradient, so their losses (L2) train the heads and
+    # not the shared backbone, which learns from the denoising loss alone
+    c.model.heads_train_backbone = True
     c.model.remat = False  # gradient checkpointing per U-Net ResBlock (memory for FLOPs; same numbers)
 
     c.diffusion = ml_collections.ConfigDict()

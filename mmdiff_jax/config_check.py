@@ -168,6 +168,7 @@ def validate(config, device_count: int | None = None, process_count: int | None 
                                       f"{spec.loss_weight!r}.")
     except (modalities_lib.ModalityError, TypeError) as e:
         c.problems.append(str(e))
+    c.choice("model.heads_train_backbone", {True, False})
     c.choice("diffusion.denoiser_output", set(objective.DENOISER_OUTPUTS))
     if c.get("diffusion.denoiser_output") == "read_codes" and not any(
             dict(m).get("kind") in code_reader.read_kinds() for m in config.get("modalities", {}).values()):

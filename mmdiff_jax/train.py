@@ -66,7 +66,8 @@ def backbone_config(config) -> UNetConfig | ADMConfig:
 def create_model(config, diff: objective.Diffusion) -> tuple[nnx.GraphDef, Any]:
     """The composed model, split into (graphdef, params). Everything in it is a Param (no mutable state)."""
     model = MTDiffusion(backbone_config(config), diff.modalities, rngs=nnx.Rngs(config.seed),
-                        num_classes=diff.num_classes, read_classes=diff.read_classes)
+                        num_classes=diff.num_classes, read_classes=diff.read_classes,
+                        heads_train_backbone=bool(config.model.get("heads_train_backbone", True)))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     if jax.tree.leaves(rest):
         raise TypeError("the model holds non-Param state; mmdiff_jax models must be stateless apart from params.")

@@ -130,3 +130,33 @@ def test_label_code_grid_is_used_and_checked():
         with pytest.raises(modalities.ModalityError, match="code_grid"):
             modalities.LabelModality(modalities.ModalitySpec(name="label", kind="label", num_classes=10,
                                                              code_grid=bad), (28, 28, 1))
+
+
+def test_heads_that_do_not_train_the_backbone_leave_it_to_the_denoising_loss():
+    """model.heads_train_backbone=False: the same outputs and the same head gradients, and no gradient of the heads'
+    loss (L2) reaches the backbone; with True it does."""
+    from flax import nnx
+
+    from mmdiff_jax import train
+
+    batch = {"image": jax.random.uniform(jax.random.key(0), (4, 8, 8, 1), minval=-1, maxval=1),
+             "label": jnp.arange(4)}
+    t = jnp.array([5, 20, 50, 90], jnp.int32)
+    grads, outputs = {}, {}
+    for trains in (True, False):
+        config = tiny.get_config()
+        config.model.heads_train_backbone = trains
+        diff = objective.build_diffusion(config)
+        graphdef, params = train.create_model(config, diff)
+
+        def head_loss(p):
+            out, heads = nnx.merge(graphdef, p)(batch["image"], t)
+            return jnp.mean(diff.modalities.nlls(heads, batch, 4)), (out, heads)
+
+        grads[trains], outputs[trains] = jax.jit(jax.grad(head_loss, has_aux=True))(params)
+    # two compiled programs (float32 rounding may differ between them): equal to float32 precision
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), outputs[True], outputs[False])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), grads[True]["heads"],
+                 grads[False]["heads"])
+    assert all(float(jnp.max(jnp.abs(g))) == 0.0 for g in jax.tree.leaves(grads[False]["backbone"]))
+    assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads[True]["backbone"])) > 0.0

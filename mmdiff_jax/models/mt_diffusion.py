@@ -25,10 +25,13 @@ class MTDiffusion(nnx.Module):
 
     With `read_classes` > 0 (`diffusion.denoiser_output = 'read_codes'`) the code reader's class probabilities
     (`read_probs` [B, read_classes], diffusion/code_reader.py) enter through a linear map, zero at initialization,
-    added to the time embedding."""
+    added to the time embedding.
+
+    With `heads_train_backbone=False` the heads read the backbone's features through a stop-gradient: their losses
+    train the heads only, and the backbone learns from the denoising loss alone."""
 
     def __init__(self, backbone: UNetConfig | ADMConfig, modalities: ModalitySet, *, rngs: nnx.Rngs,
-                 num_classes: int = 0, read_classes: int = 0):
+                 num_classes: int = 0, read_classes: int = 0, heads_train_backbone: bool = True):
         self.backbone = BACKBONES[type(backbone)](backbone, rngs=rngs)
         # the loss draws a dropout key only for a backbone with dropout, so other models' programs stay as they were
         self.takes_dropout_key = isinstance(backbone, ADMConfig)
@@ -37,6 +40,7 @@ class MTDiffusion(nnx.Module):
             for m in modalities.aux
         })
         self.num_aux = len(modalities.aux)
+        self.heads_train_backbone = heads_train_backbone
         self.presence = nnx.data(
             nnx.Linear(self.num_aux, backbone.temb_dim, rngs=rngs, kernel_init=nnx.initializers.zeros_init())
             if modalities.conditions_on_presence else None)
@@ -69,4 +73,6 @@ class MTDiffusion(nnx.Module):
             embedded = self.read_embedding(read_probs.astype(jnp.float32))  # [B, temb_dim]
             extra = embedded if extra is None else extra + embedded
         eps_hat, feats = self.backbone(zt, t, extra, dropout_key)
+        if not self.heads_train_backbone:
+            feats = feats.stop_gradient()
         return eps_hat, {name: head(feats) for name, head in self.heads.items()}

@@ -33,6 +33,10 @@ class Features:
     fmap: jax.Array
     temb: jax.Array
 
+    def stop_gradient(self) -> "Features":
+        """The same features, through which no gradient reaches the backbone."""
+        return Features(*(jax.lax.stop_gradient(x) for x in (self.pooled, self.fmap, self.temb)))
+
 
 class UNet(nnx.Module):
     """z_t [B, H, W, C], t [B] -> (eps_hat [B, H, W, out_channels or C], Features)."""
