@@ -115,11 +115,11 @@ def predict(model, diff: Diffusion, zt: jax.Array, t: jax.Array, present: jax.Ar
       'read_codes' the label codes are read out of z_t in closed form (diffusion/code_reader.py: class probabilities p,
                    expected codes ẽ); the backbone reads z~_t = z_t - sum_i c_t(i) ẽ_i with p added to its time
                    embedding, r predicts (z~_t - abar_t z_0) / s_t, and ε̂ = r + sum_i c_t(i) (ẽ_i - ê_i) / s_t.
-    All give the same ẑ_0 formula and loss terms; 'composite' spares a convolutional backbone from reproducing
+    All give the same ẑ_0 formula and sampler formulas; 'composite' spares a convolutional backbone from reproducing
     each code's pattern pixel by pixel (ẑ_0 = (z_t - s_t r) / abar_t depends on r alone); 'read_codes' also spares
-    it from denoising through the codes (ẑ_0 = (z~_t - s_t r) / abar_t: an image denoiser told the read classes);
-    its L0 (`compute_loss`) is ‖r - (z~_t - abar_t z_0) / s_t‖², the heads being trained by L2 alone. With `diff.learn_sigma`
-    the backbone's output has twice the latent's channels: r, then v (ADM's layout). `labels` int [B]: the class
+    it from denoising through the codes (ẑ_0 = (z~_t - s_t r) / abar_t: an image denoiser told the read classes),
+    and its L0 (`compute_loss`) is ‖r - (z~_t - abar_t z_0) / s_t‖², the heads being trained by L2 alone. With
+    `diff.learn_sigma` the backbone's output has twice the latent's channels: r, then v (ADM's layout). `labels` int [B]: the class
     labels of a class-conditional model (`diff.num_classes` > 0).
     """
     kwargs = {} if labels is None else {"labels": labels}
@@ -177,9 +177,9 @@ def compute_loss(model, diff: Diffusion, batch: Mapping[str, jax.Array], key: ja
     if diff.denoiser_output == "read_codes":
         # L0 trains the backbone on the image's noise alone: ε̂ with the true codes in place of the heads' (which L2
         # trains), so the heads' errors, c_t (e - ê) / s_t, add no noise to the backbone's gradient
-        true_codes = eps_hat + process.mix_modalities(diff.sched.c, t, enc_hat - enc) / process.per_example(
+        eps_with_true_codes = eps_hat + process.mix_modalities(diff.sched.c, t, enc_hat - enc) / process.per_example(
             diff.sched.s, t, z0)
-        terms = terms._replace(l0=losses.l0_noise_matching(eps, true_codes))
+        terms = terms._replace(l0=losses.l0_noise_matching(eps, eps_with_true_codes))
     loss, metrics = losses.training_loss(terms, diff.loss_weights)
     per_modality = jnp.sum(aux_nll, axis=0) / jnp.maximum(jnp.sum(trained, axis=0), 1.0)  # [N], over trained ones
     for i, m in enumerate(mods.aux):

@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl.testing import parameterized
+from flax import nnx
 
-from mmdiff_jax import modalities, objective
+from mmdiff_jax import modalities, objective, train
 from mmdiff_jax.configs import tiny
 from mmdiff_jax.diffusion import process
 
@@ -135,10 +136,6 @@ def test_label_code_grid_is_used_and_checked():
 def test_heads_that_do_not_train_the_backbone_leave_it_to_the_denoising_loss():
     """model.heads_train_backbone=False: the same outputs and the same head gradients, and no gradient of the heads'
     loss (L2) reaches the backbone; with True it does."""
-    from flax import nnx
-
-    from mmdiff_jax import train
-
     batch = {"image": jax.random.uniform(jax.random.key(0), (4, 8, 8, 1), minval=-1, maxval=1),
              "label": jnp.arange(4)}
     t = jnp.array([5, 20, 50, 90], jnp.int32)

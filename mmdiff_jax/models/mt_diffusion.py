@@ -57,21 +57,20 @@ class MTDiffusion(nnx.Module):
         """`dropout_key`: the backbone's dropout in training (ignored by a backbone without dropout); `labels` int
         [B]: the class labels of a class-conditional model (required there, refused elsewhere); `read_probs`: the
         code reader's class probabilities (required with `read_classes`, refused elsewhere)."""
-        extra = None
+        embedded = []  # [B, temb_dim] each, added to the time embedding
         if self.presence is not None:
             if present is None:
                 present = jnp.ones((zt.shape[0], self.num_aux), jnp.float32)
-            extra = self.presence(present.astype(jnp.float32))  # [B, temb_dim]
+            embedded.append(self.presence(present.astype(jnp.float32)))
         if (labels is None) != (self.class_embedding is None):
             raise ValueError("a class-conditional model needs `labels` [B], and only it takes them.")
         if labels is not None:
-            embedded = self.class_embedding(labels.astype(jnp.int32))  # [B, temb_dim]
-            extra = embedded if extra is None else extra + embedded
+            embedded.append(self.class_embedding(labels.astype(jnp.int32)))
         if (read_probs is None) != (self.read_embedding is None):
             raise ValueError("a model built with read_classes needs `read_probs` [B, read_classes], and only it.")
         if read_probs is not None:
-            embedded = self.read_embedding(read_probs.astype(jnp.float32))  # [B, temb_dim]
-            extra = embedded if extra is None else extra + embedded
+            embedded.append(self.read_embedding(read_probs.astype(jnp.float32)))
+        extra = sum(embedded[1:], embedded[0]) if embedded else None
         eps_hat, feats = self.backbone(zt, t, extra, dropout_key)
         if not self.heads_train_backbone:
             feats = feats.stop_gradient()
