@@ -58,6 +58,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     # False: the heads read the backbone's features through a stop-gradient, so their losses (L2) train the heads and
     # not the shared backbone, which learns from the denoising loss alone
     c.model.heads_train_backbone = True
+    # with heads_train_backbone: the heads' losses reach the backbone only from examples with t <= this fraction of
+    # diffusion.num_steps (1.0: from every t); above it the heads still train, on features they cannot change
+    c.model.heads_train_backbone_max_t = 1.0
     c.model.remat = False  # gradient checkpointing per U-Net ResBlock (memory for FLOPs; same numbers)
 
     c.diffusion = ml_collections.ConfigDict()

@@ -169,6 +169,7 @@ def validate(config, device_count: int | None = None, process_count: int | None 
     except (modalities_lib.ModalityError, TypeError) as e:
         c.problems.append(str(e))
     c.choice("model.heads_train_backbone", {True, False})
+    c.number_range("model.heads_train_backbone_max_t", 0.0, 1.0, low_open=True)
     c.choice("diffusion.denoiser_output", set(objective.DENOISER_OUTPUTS))
     if c.get("diffusion.denoiser_output") == "read_codes" and not any(
             dict(m).get("kind") in code_reader.read_kinds() for m in config.get("modalities", {}).values()):

@@ -26,7 +26,6 @@ from flax import nnx
 from mmdiff_jax import checkpointing, config_check, objective, parallel, timing, train
 from mmdiff_jax.data import shapes
 from mmdiff_jax.errors import UserError
-from mmdiff_jax.models.mt_diffusion import MTDiffusion
 
 
 def abstract_batch(diff: objective.Diffusion, batch_size: int, sharding) -> dict[str, jax.ShapeDtypeStruct]:
@@ -60,9 +59,7 @@ def summarize(config) -> dict:
         logging.warning("Shapes from the config, not the data (%s)", e)
     config_check.validate(config)
     diff = objective.build_diffusion(config)
-    backbone = train.backbone_config(config)
-    model = nnx.eval_shape(lambda: MTDiffusion(backbone, diff.modalities, rngs=nnx.Rngs(config.seed),
-                                               num_classes=diff.num_classes, read_classes=diff.read_classes))
+    model = nnx.eval_shape(lambda: train.build_model(config, diff))
     graphdef, params = nnx.split(model, nnx.Param)
     counts = {"backbone": _count(params["backbone"])}
     for name in params.get("heads", {}):

@@ -63,11 +63,19 @@ def backbone_config(config) -> UNetConfig | ADMConfig:
     )
 
 
+def build_model(config, diff: objective.Diffusion) -> MTDiffusion:
+    """The composed model the config describes (call under `nnx.eval_shape` for shapes alone)."""
+    max_t = float(config.model.get("heads_train_backbone_max_t", 1.0))
+    return MTDiffusion(backbone_config(config), diff.modalities, rngs=nnx.Rngs(config.seed),
+                       num_classes=diff.num_classes, read_classes=diff.read_classes,
+                       heads_train_backbone=bool(config.model.get("heads_train_backbone", True)),
+                       heads_train_backbone_max_t=(None if max_t >= 1.0
+                                                   else int(max_t * config.diffusion.num_steps)))
+
+
 def create_model(config, diff: objective.Diffusion) -> tuple[nnx.GraphDef, Any]:
     """The composed model, split into (graphdef, params). Everything in it is a Param (no mutable state)."""
-    model = MTDiffusion(backbone_config(config), diff.modalities, rngs=nnx.Rngs(config.seed),
-                        num_classes=diff.num_classes, read_classes=diff.read_classes,
-                        heads_train_backbone=bool(config.model.get("heads_train_backbone", True)))
+    model = build_model(config, diff)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     if jax.tree.leaves(rest):
         raise TypeError("the model holds non-Param state; mmdiff_jax models must be stateless apart from params.")

@@ -11,7 +11,7 @@ import pytest
 from absl.testing import parameterized
 from flax import nnx
 
-from mmdiff_jax import modalities, objective, train
+from mmdiff_jax import config_check, modalities, objective, train
 from mmdiff_jax.configs import tiny
 from mmdiff_jax.diffusion import process
 
@@ -133,27 +133,46 @@ def test_label_code_grid_is_used_and_checked():
                                                              code_grid=bad), (28, 28, 1))
 
 
-def test_heads_that_do_not_train_the_backbone_leave_it_to_the_denoising_loss():
-    """model.heads_train_backbone=False: the same outputs and the same head gradients, and no gradient of the heads'
-    loss (L2) reaches the backbone; with True it does."""
+def test_heads_train_the_backbone_only_where_told():
+    """model.heads_train_backbone=False: the same outputs and head gradients, and no gradient of the heads' loss (L2)
+    reaches the backbone. model.heads_train_backbone_max_t=0.2 (T = 100): the backbone's gradient is that of the
+    heads' loss over the examples with t <= 20 alone, the heads' gradient that of the whole loss."""
     batch = {"image": jax.random.uniform(jax.random.key(0), (4, 8, 8, 1), minval=-1, maxval=1),
              "label": jnp.arange(4)}
     t = jnp.array([5, 20, 50, 90], jnp.int32)
+    kept = jnp.array([1.0, 1.0, 0.0, 0.0])  # t <= 0.2 T
     grads, outputs = {}, {}
-    for trains in (True, False):
+    for name, trains, max_t, weights in (("all", True, 1.0, jnp.ones(4)), ("kept only", True, 1.0, kept),
+                                         ("none", False, 1.0, jnp.ones(4)), ("t <= 20", True, 0.2, jnp.ones(4))):
         config = tiny.get_config()
+        assert config.diffusion.num_steps == 100
         config.model.heads_train_backbone = trains
+        config.model.heads_train_backbone_max_t = max_t
         diff = objective.build_diffusion(config)
         graphdef, params = train.create_model(config, diff)
 
-        def head_loss(p):
+        def head_loss(p, w):
             out, heads = nnx.merge(graphdef, p)(batch["image"], t)
-            return jnp.mean(diff.modalities.nlls(heads, batch, 4)), (out, heads)
+            return jnp.mean(w[:, None] * diff.modalities.nlls(heads, batch, 4)), (out, heads)  # nlls: [B, N]
 
-        grads[trains], outputs[trains] = jax.jit(jax.grad(head_loss, has_aux=True))(params)
-    # two compiled programs (float32 rounding may differ between them): equal to float32 precision
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), outputs[True], outputs[False])
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), grads[True]["heads"],
-                 grads[False]["heads"])
-    assert all(float(jnp.max(jnp.abs(g))) == 0.0 for g in jax.tree.leaves(grads[False]["backbone"]))
-    assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads[True]["backbone"])) > 0.0
+        grads[name], outputs[name] = jax.jit(jax.grad(head_loss, has_aux=True))(params, weights)
+
+    def close(a, b, rtol, atol):  # separately compiled programs: equal to float32 precision
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=atol), a, b)
+
+    for name in ("none", "t <= 20"):
+        close(outputs[name], outputs["all"], 1e-5, 1e-6)
+        close(grads[name]["heads"], grads["all"]["heads"], 1e-4, 1e-7)
+    assert all(float(jnp.max(jnp.abs(g))) == 0.0 for g in jax.tree.leaves(grads["none"]["backbone"]))
+    close(grads["t <= 20"]["backbone"], grads["kept only"]["backbone"], 1e-4, 1e-7)
+    differs = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(grads["all"]["backbone"]),
+                                                                  jax.tree.leaves(grads["kept only"]["backbone"])))
+    assert differs > 1e-3  # the examples above the cut do reach the backbone without it
+
+
+def test_heads_train_backbone_max_t_is_checked():
+    config = tiny.get_config()
+    for bad in (0.0, 1.5, float("nan")):
+        config.model.heads_train_backbone_max_t = bad
+        with pytest.raises(config_check.ConfigError, match="model.heads_train_backbone_max_t"):
+            config_check.validate(config)

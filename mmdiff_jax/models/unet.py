@@ -37,6 +37,12 @@ class Features:
         """The same features, through which no gradient reaches the backbone."""
         return Features(*(jax.lax.stop_gradient(x) for x in (self.pooled, self.fmap, self.temb)))
 
+    def gradient_only_where(self, keep: jax.Array) -> "Features":
+        """The same features; the gradient reaches the backbone only through the examples where `keep` [B] holds."""
+        def gate(x):
+            return jnp.where(keep.reshape((-1,) + (1,) * (x.ndim - 1)), x, jax.lax.stop_gradient(x))
+        return Features(*(gate(x) for x in (self.pooled, self.fmap, self.temb)))
+
 
 class UNet(nnx.Module):
     """z_t [B, H, W, C], t [B] -> (eps_hat [B, H, W, out_channels or C], Features)."""
