@@ -13,7 +13,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.latent_shape = (8, 8, 1)  # the diffusion space: the primary image's shape [H, W, C]
     c.primary = "image"  # the modality that is the latent (identity encoder)
     # Modalities: name -> {kind, shape, num_classes, weight_schedule, weight_scale, loss_weight, seed, dropout,
-    # head_loss_when_dropped, code_grid} (mmdiff_jax/modalities.py, ModalitySpec).
+    # head_loss_when_dropped, code_grid, head} (mmdiff_jax/modalities.py, ModalitySpec).
     c.modalities = ml_collections.ConfigDict()
     c.modalities.image = dict(kind="image", shape=(8, 8, 1))
 

@@ -53,6 +53,9 @@ class ModalitySpec:
     # label codes: 0 = white noise over the whole latent; n > 0 = a random n x n grid per channel, upsampled
     # bilinearly to the latent (a smooth, low-frequency code)
     code_grid: int = 0
+    # "": the kind's own head; a label also takes "conv": a small strided CNN on the full-resolution features instead
+    # of the MLP on the pooled ones (a classifier with spatial features, e.g. on features it cannot train)
+    head: str = ""
 
 
 class Modality:
@@ -60,11 +63,14 @@ class Modality:
 
     kind: str = ""
     is_primary: bool = False
+    head_options: tuple[str, ...] = ()  # the values of `spec.head` besides "" (the kind's own head)
 
     def __init__(self, spec: ModalitySpec, latent_shape: tuple[int, ...]):
         self.spec = spec
         self.name = spec.name
         self.latent_shape = tuple(latent_shape)
+        if spec.head and spec.head not in self.head_options:
+            self._fail(f"head {spec.head!r} is not one of this kind's: {['', *self.head_options]}.")
 
     @property
     def data_dims(self) -> int:
@@ -144,6 +150,20 @@ class _MLPHead(nnx.Module):
         return self.lin2(nnx.silu(self.lin1(h)))
 
 
+class _ConvHead(nnx.Module):
+    """Full-resolution features [B, H, W, C] and time embedding -> [B, out_dim]: two stride-2 3x3 convolutions
+    (2C, then 4C channels), the spatial mean, then an MLP with the time embedding."""
+
+    def __init__(self, channels: int, temb_dim: int, out_dim: int, hidden: int, rngs: nnx.Rngs):
+        self.conv1 = nnx.Conv(channels, 2 * channels, (3, 3), strides=(2, 2), rngs=rngs)
+        self.conv2 = nnx.Conv(2 * channels, 4 * channels, (3, 3), strides=(2, 2), rngs=rngs)
+        self.mlp = _MLPHead(4 * channels, temb_dim, out_dim, hidden, rngs)
+
+    def __call__(self, feats: Features) -> jax.Array:
+        h = nnx.silu(self.conv2(nnx.silu(self.conv1(feats.fmap))))  # [B, H/4, W/4, 4C]
+        return self.mlp(Features(jnp.mean(h, axis=(1, 2)), feats.fmap, feats.temb))
+
+
 def unit_rms_codes(num_codes: int, latent_shape: tuple[int, ...], seed: int) -> np.ndarray:
     """Fixed random codes [K, *S], each with root-mean-square 1 (so a weight scale λ means a shift of λ per dim)."""
     rng = np.random.default_rng(seed)
@@ -177,9 +197,11 @@ def smooth_unit_rms_codes(num_codes: int, latent_shape: tuple[int, ...], grid: i
 class LabelModality(Modality):
     """A class label, int [B] in 0..K-1. Encoder: a fixed unit-RMS random code per class, of the latent's shape
     (white noise, or smooth with `code_grid`).
-    Head: an MLP on pooled features -> logits [B, K]; ê = softmax(logits) · codes; categorical likelihood."""
+    Head: an MLP on pooled features (or with head="conv" a small CNN on the full-resolution ones) -> logits [B, K];
+    ê = softmax(logits) · codes; categorical likelihood."""
 
     kind = "label"
+    head_options = ("mlp", "conv")
 
     def __init__(self, spec: ModalitySpec, latent_shape: tuple[int, ...]):
         super().__init__(spec, latent_shape)
@@ -204,6 +226,8 @@ class LabelModality(Modality):
         return jnp.asarray(self.codes)[x]
 
     def make_head(self, feature_dim, fmap_channels, temb_dim, rngs):
+        if self.spec.head == "conv":
+            return _ConvHead(fmap_channels, temb_dim, self.spec.num_classes, 128, rngs)
         return _MLPHead(feature_dim, temb_dim, self.spec.num_classes, 128, rngs)
 
     def nll(self, head_out: jax.Array, x: jax.Array) -> jax.Array:

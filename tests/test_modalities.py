@@ -9,7 +9,7 @@ from flax import nnx
 
 from mmdiff_jax import modalities as M
 from mmdiff_jax.models.mt_diffusion import MTDiffusion
-from mmdiff_jax.models.unet import UNetConfig
+from mmdiff_jax.models.unet import Features, UNetConfig
 
 LATENT = (8, 8, 1)
 
@@ -44,6 +44,33 @@ def test_label_encoder_head_and_likelihood():
     enc_hat = mods.expected_encodings(heads, 3)
     chex.assert_shape(enc_hat, (3, 1) + LATENT)
     chex.assert_shape(mods.nlls(heads, {"label": x}, 3), (3, 1))
+
+
+def test_conv_label_head_reads_the_full_resolution_features():
+    """head="conv": logits [B, K] from the full-resolution feature map, the same with and without jit; a change of
+    the map alone (pooled features and time embedding fixed) changes them."""
+    mods = M.build_modalities([M.ModalitySpec("image", "image", shape=LATENT),
+                               M.ModalitySpec("label", "label", num_classes=10, head="conv")], LATENT)
+    head = mods.aux[0].make_head(feature_dim=24, fmap_channels=16, temb_dim=32, rngs=nnx.Rngs(0))
+    keys = jax.random.split(jax.random.key(0), 3)
+    feats = Features(jax.random.normal(keys[0], (3, 24)), jax.random.normal(keys[1], (3, 8, 8, 16)),
+                     jax.random.normal(keys[2], (3, 32)))
+    logits = head(feats)
+    chex.assert_shape(logits, (3, 10))
+    chex.assert_type(logits, jnp.float32)
+    jitted = nnx.jit(lambda h, pooled, fmap, temb: h(Features(pooled, fmap, temb)))
+    np.testing.assert_allclose(jitted(head, feats.pooled, feats.fmap, feats.temb), logits, rtol=1e-5, atol=1e-6)
+    moved = Features(feats.pooled, jnp.roll(feats.fmap, 3, axis=1), feats.temb)
+    assert float(jnp.max(jnp.abs(head(moved) - logits))) > 1e-3
+
+
+def test_a_head_the_kind_does_not_have_is_refused():
+    with pytest.raises(M.ModalityError, match=r"modality 'label' \(label\): head 'attention' is not one of"):
+        M.build_modalities([M.ModalitySpec("image", "image", shape=LATENT),
+                            M.ModalitySpec("label", "label", num_classes=10, head="attention")], LATENT)
+    with pytest.raises(M.ModalityError, match=r"modality 'v' \(vector\): head 'conv' is not one of"):
+        M.build_modalities([M.ModalitySpec("image", "image", shape=LATENT),
+                            M.ModalitySpec("v", "vector", shape=(4,), head="conv")], LATENT)
 
 
 def test_no_aux_modality_gives_empty_arrays():
