@@ -315,6 +315,11 @@ def _head_probe_metrics(config, gen, key, test_arrays, steps) -> dict:
     with the modality's encoding, and without it."""
     mods = gen.diff.modalities
     model = nnx.merge(gen.graphdef, gen.params)
+
+    def apply(zt, t, present):  # the reverse model as the samplers see it (with read_codes: the reader first)
+        pred = objective.predict(model, gen.diff, zt, t, present)
+        return pred.eps, pred.heads
+
     batch = {name: jnp.asarray(test_arrays[name]) for name in mods.names}
     z0, enc = np.asarray(batch[mods.primary.name], np.float32), np.asarray(mods.encode(batch))
     metrics = {}
@@ -322,7 +327,7 @@ def _head_probe_metrics(config, gen, key, test_arrays, steps) -> dict:
         if m.kind not in ("label", "mask"):
             continue
         acc = head_probe.head_accuracy_by_step(
-            gen.diff.sched, model, lambda heads, m=m: m.decode(heads[m.name]), z0, enc, test_arrays[m.name], i,
+            gen.diff.sched, apply, lambda heads, m=m: m.decode(heads[m.name]), z0, enc, test_arrays[m.name], i,
             steps, jax.random.fold_in(key, 7), batch_size=config.sample.batch_size,
             tell_presence=mods.conditions_on_presence)
         for t, (with_it, without_it) in zip(steps, acc):

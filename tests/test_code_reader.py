@@ -11,7 +11,7 @@ import pytest
 from absl.testing import parameterized
 from flax import nnx
 
-from mmdiff_jax import config_check, modalities, objective, train
+from mmdiff_jax import config_check, evaluate, modalities, objective, sample, train
 from mmdiff_jax.configs import tiny
 from mmdiff_jax.diffusion import code_reader, process
 from mmdiff_jax.errors import UserError
@@ -169,6 +169,20 @@ def test_one_training_step_trains_the_read_embedding():
     assert float(jnp.max(jnp.abs(grads["read_embedding"]["kernel"]))) > 0.0
     with pytest.raises(ValueError, match="read_probs"):  # the model refuses to run without what it was built for
         nnx.merge(graphdef, params)(batch["image"], jnp.ones((8,), jnp.int32))
+
+
+def test_the_head_probe_reads_a_read_codes_model_through_its_reader():
+    """eval.head_probe_steps on a read_codes model: the probe calls the reverse model as the samplers do (the reader
+    first), so it runs, and its accuracies are fractions; a bare model call would be refused (no read_probs)."""
+    config, diff = _diffusion()
+    graphdef, params = train.create_model(config, diff)
+    gen = sample.Generator(config, diff, graphdef, params, step=0)
+    arrays = {"image": np.asarray(jax.random.uniform(jax.random.key(0), (6, 8, 8, 1), minval=-1, maxval=1)),
+              "label": np.arange(6, dtype=np.int32) % 10}
+    metrics = evaluate._head_probe_metrics(config, gen, jax.random.key(1), arrays, (1, 50))
+    assert sorted(metrics) == ["label/head_accuracy_t1", "label/head_accuracy_t1_without_label",
+                               "label/head_accuracy_t50", "label/head_accuracy_t50_without_label"]
+    assert all(0.0 <= v <= 1.0 and abs(v * 24 - round(v * 24)) < 1e-6 for v in metrics.values())  # 4 draws of 6
 
 
 def test_read_codes_without_a_label_modality_is_refused_in_one_line():
