@@ -66,11 +66,13 @@ def backbone_config(config) -> UNetConfig | ADMConfig:
 def build_model(config, diff: objective.Diffusion) -> MTDiffusion:
     """The composed model the config describes (call under `nnx.eval_shape` for shapes alone)."""
     max_t = float(config.model.get("heads_train_backbone_max_t", 1.0))
+    if not config.model.get("heads_train_backbone", True):
+        heads_grad_max_t = 0  # no t: the heads never train the backbone
+    else:
+        heads_grad_max_t = None if max_t >= 1.0 else int(max_t * config.diffusion.num_steps)
     return MTDiffusion(backbone_config(config), diff.modalities, rngs=nnx.Rngs(config.seed),
                        num_classes=diff.num_classes, read_classes=diff.read_classes,
-                       heads_train_backbone=bool(config.model.get("heads_train_backbone", True)),
-                       heads_train_backbone_max_t=(None if max_t >= 1.0
-                                                   else int(max_t * config.diffusion.num_steps)))
+                       heads_grad_max_t=heads_grad_max_t)
 
 
 def create_model(config, diff: objective.Diffusion) -> tuple[nnx.GraphDef, Any]:

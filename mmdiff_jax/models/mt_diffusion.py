@@ -27,14 +27,12 @@ class MTDiffusion(nnx.Module):
     (`read_probs` [B, read_classes], diffusion/code_reader.py) enter through a linear map, zero at initialization,
     added to the time embedding.
 
-    With `heads_train_backbone=False` the heads read the backbone's features through a stop-gradient: their losses
-    train the heads only, and the backbone learns from the denoising loss alone. With `heads_train_backbone_max_t`
-    (a step in 1..T) they reach the backbone only through the examples with t <= that step: where the noise has
-    erased what the heads predict, their irreducible loss no longer sends its gradient into the denoiser."""
+    With `heads_grad_max_t` (a step in 0..T; None: every t) the heads' losses reach the backbone only through the
+    examples with t <= that step (the heads read the other examples' features through a stop-gradient); 0: never,
+    the heads train on features the backbone learns from the denoising loss alone."""
 
     def __init__(self, backbone: UNetConfig | ADMConfig, modalities: ModalitySet, *, rngs: nnx.Rngs,
-                 num_classes: int = 0, read_classes: int = 0, heads_train_backbone: bool = True,
-                 heads_train_backbone_max_t: int | None = None):
+                 num_classes: int = 0, read_classes: int = 0, heads_grad_max_t: int | None = None):
         self.backbone = BACKBONES[type(backbone)](backbone, rngs=rngs)
         # the loss draws a dropout key only for a backbone with dropout, so other models' programs stay as they were
         self.takes_dropout_key = isinstance(backbone, ADMConfig)
@@ -43,8 +41,7 @@ class MTDiffusion(nnx.Module):
             for m in modalities.aux
         })
         self.num_aux = len(modalities.aux)
-        self.heads_train_backbone = heads_train_backbone
-        self.heads_train_backbone_max_t = heads_train_backbone_max_t
+        self.heads_grad_max_t = heads_grad_max_t
         self.presence = nnx.data(
             nnx.Linear(self.num_aux, backbone.temb_dim, rngs=rngs, kernel_init=nnx.initializers.zeros_init())
             if modalities.conditions_on_presence else None)
@@ -76,8 +73,6 @@ class MTDiffusion(nnx.Module):
             embedded.append(self.read_embedding(read_probs.astype(jnp.float32)))
         extra = sum(embedded[1:], embedded[0]) if embedded else None
         eps_hat, feats = self.backbone(zt, t, extra, dropout_key)
-        if not self.heads_train_backbone:
-            feats = feats.stop_gradient()
-        elif self.heads_train_backbone_max_t is not None:
-            feats = feats.gradient_only_where(t <= self.heads_train_backbone_max_t)
+        if self.heads_grad_max_t is not None:
+            feats = feats.gradient_only_where(t <= self.heads_grad_max_t)
         return eps_hat, {name: head(feats) for name, head in self.heads.items()}

@@ -33,10 +33,6 @@ class Features:
     fmap: jax.Array
     temb: jax.Array
 
-    def stop_gradient(self) -> "Features":
-        """The same features, through which no gradient reaches the backbone."""
-        return Features(*(jax.lax.stop_gradient(x) for x in (self.pooled, self.fmap, self.temb)))
-
     def gradient_only_where(self, keep: jax.Array) -> "Features":
         """The same features; the gradient reaches the backbone only through the examples where `keep` [B] holds."""
         def gate(x):
