@@ -4,7 +4,23 @@ override (`--config.optim.lrr=...`) is an error."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
+
+from mmdiff_jax.modalities import ModalitySpec
+
+
+def modality(kind: str, **fields) -> dict:
+    """`config.modalities.<name>` of an auxiliary modality: `fields` over every ModalitySpec default, so that the
+    command line can override any field (`--config.modalities.label.dropout=0.3`) and not only those a config spells
+    out (ml_collections refuses an override of a field the config does not have). The primary image is written as a
+    plain dict (`dict(kind="image", shape=...)`): the auxiliary fields mean nothing to it."""
+    defaults = {f.name: f.default for f in dataclasses.fields(ModalitySpec) if f.name not in ("name", "kind")}
+    unknown = sorted(set(fields) - set(defaults))
+    if unknown:
+        raise ValueError(f"modality({kind!r}): unknown field(s) {unknown}; allowed: {sorted(defaults)}.")
+    return {"kind": kind, **defaults, **fields}
 
 
 def get_base_config() -> ml_collections.ConfigDict:
@@ -13,7 +29,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.latent_shape = (8, 8, 1)  # the diffusion space: the primary image's shape [H, W, C]
     c.primary = "image"  # the modality that is the latent (identity encoder)
     # Modalities: name -> {kind, shape, num_classes, weight_schedule, weight_scale, loss_weight, seed, dropout,
-    # head_loss_when_dropped, code_grid, head} (mmdiff_jax/modalities.py, ModalitySpec).
+    # head_loss_when_dropped, code_grid, head} (mmdiff_jax/modalities.py, ModalitySpec); write an auxiliary one as
+    # config_base.modality(kind, **fields) so that every field can be overridden on the command line.
     c.modalities = ml_collections.ConfigDict()
     c.modalities.image = dict(kind="image", shape=(8, 8, 1))
 

@@ -13,6 +13,7 @@ from flax import nnx
 from mmdiff_jax.configs import digits_image_label, tiny
 from mmdiff_jax import config_check, evaluate, objective, sample, train
 from mmdiff_jax.config_check import ConfigError
+from mmdiff_jax.data import sources
 from mmdiff_jax.diffusion import process
 from mmdiff_jax.errors import UserError
 
@@ -124,12 +125,22 @@ def test_eval_reports_guided_accuracy_bits_per_dim_by_modality_and_the_head_prob
     config.eval.head_probe_steps = (1, config.diffusion.num_steps)
     big_t = config.diffusion.num_steps
     config.eval.guidance_intervals = ((0, big_t), (big_t + 1, big_t + 1))  # every step; none
+    config.modalities.label["head_loss_when_dropped"] = True  # says the head reads the image alone: measure that too
     results = evaluate.evaluate(config, workdir)
     assert results["conditional_examples"] == 100
     per_draw = results["label/image_to_label_accuracy_per_draw"]  # two independent reverse processes per image
     assert len(per_draw) == 2 and all(0.0 <= a <= 1.0 for a in per_draw)
     np.testing.assert_allclose(results["label/image_to_label_accuracy"], np.mean(per_draw))
     np.testing.assert_allclose(results["label/image_to_label_accuracy_std"], np.std(per_draw, ddof=1))
+    alone = results["label/image_to_label_accuracy_head_alone"]  # the label left out, its head read at the end
+    gen = sample.load_generator(config, workdir)
+    held_out = sources.for_eval(config, "test", workdir).first(100)
+    images, labels = held_out.arrays["image"], held_out.arrays["label"]
+    first_draw = jax.random.fold_in(jax.random.key(config.sample.seed), 1)  # the key of image -> label's first draw
+    read = gen.generate(first_draw, 100, given={"image": images}, absent=["label"])["label"]
+    assert alone == float(np.mean(read == labels))
+    with_label = gen.generate(first_draw, 100, given={"image": images})["label"]  # the label in the process
+    assert not np.array_equal(read, with_label)
     for w in ("0", "2"):
         assert 0.0 <= results[f"label/label_to_image_accuracy_guidance_{w}"] <= 1.0
     guided = "label/label_to_image_accuracy_guidance_"  # the same noise: an interval of every step is the default

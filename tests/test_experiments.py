@@ -1,18 +1,23 @@
 """The experiments' data and metrics: the 28x28 and mask sources, mIoU, and a tiny image + mask model that trains,
 samples every modality jointly and conditionally, and is evaluated with the mask metrics."""
 
+import dataclasses
 import gzip
+import importlib
 import json
 import os
 import struct
+import sys
 
 import jax
 import numpy as np
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
-from mmdiff_jax.configs import (digits_image_label_mask, digits_image_mask, digits_image_vector, digits_masked_image, mnist_image_label, mnist_image_only,
-                     shapes_image_mask, tiny)
-from mmdiff_jax import config_check, evaluate, sample, train
+from mmdiff_jax import config_base, config_check, configs, evaluate, modalities, sample, train
+from mmdiff_jax.configs import (digits_image_label_mask, digits_image_mask, digits_image_vector, digits_masked_image,
+                                mnist_image_label, mnist_image_only, shapes_image_mask, tiny)
 from mmdiff_jax.data import sources
 from mmdiff_jax.errors import UserError
 from mmdiff_jax.evaluation import segmentation
@@ -254,3 +259,28 @@ def test_report_groups_runs_by_dataset_and_keeps_only_filled_columns(tmp_path):
     assert ("| label→image acc., guidance 0 | label→image acc., guidance 2 | label→image acc., guidance 10 | "
             "label→image acc., guidance 4, t 0-200 | label→image acc., guidance 2, t 200-1000 |") in any_table
     assert "| 0.500 | 0.800 | 0.600 | 0.700 | 0.900 |" in any_table
+
+
+def _every_shipped_config():
+    """(name:preset, config) of every shipped config and preset."""
+    for name in configs.names():
+        module = importlib.import_module(f"mmdiff_jax.configs.{name}")
+        for preset in getattr(module, "PRESETS", ("",)):
+            yield f"{name}:{preset}", module.get_config(preset) if preset else module.get_config()
+
+
+def test_every_auxiliary_field_of_every_shipped_config_can_be_overridden_on_the_command_line(monkeypatch):
+    spec_fields = {f.name for f in dataclasses.fields(modalities.ModalitySpec)} - {"name"}
+    for where, config in _every_shipped_config():
+        for name, fields in config.modalities.items():
+            if name != config.primary:
+                assert set(fields) == spec_fields, (where, name, spec_fields - set(fields))
+    flag_values = flags.FlagValues()  # what main's --config flag does with an override (it reads them in sys.argv)
+    config_flags.DEFINE_config_file("config", flag_values=flag_values)
+    argv = ["prog", f"--config={configs.path('digits_image_label')}", "--config.modalities.label.code_grid=4",
+            "--config.modalities.label.head=conv"]
+    monkeypatch.setattr(sys, "argv", argv)
+    flag_values(argv)
+    assert flag_values.config.modalities.label.code_grid == 4 and flag_values.config.modalities.label.head == "conv"
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['colour'\]"):
+        config_base.modality("label", num_classes=10, colour=1)

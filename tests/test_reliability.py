@@ -205,7 +205,8 @@ MALFORMED = [
     ("weight_schedule", lambda c: c.modalities.label.update(weight_schedule="cubic"),
      r"modalities.label.weight_schedule: unknown shape 'cubic'"),
     ("loss_weight", lambda c: c.modalities.label.update(loss_weight=-1.0), r"modalities.label.loss_weight: must be"),
-    ("head_loss_when_dropped", lambda c: c.modalities.label.update(head_loss_when_dropped="yes"),
+    ("head_loss_when_dropped",  # a user's config writing the modality as a plain dict (the helper's types refuse it)
+     lambda c: setattr(c.modalities, "label", {**c.modalities.label.to_dict(), "head_loss_when_dropped": "yes"}),
      r"modalities.label.head_loss_when_dropped: must be True or False, got 'yes'"),
     ("prior", lambda c: c.modalities.label.update(weight_schedule="constant", weight_scale=0.5),
      r"prior mismatch .* exceeds prior_tol"),

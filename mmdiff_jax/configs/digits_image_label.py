@@ -30,9 +30,10 @@ def get_config(preset: str = ""):
         raise ValueError(f"unknown preset {preset!r}; use one of {PRESETS}.")
     c = config_base.get_base_config()
     head_on_dropped = preset == "any_direction_head_on_dropped"
-    c.modalities.label = dict(kind="label", num_classes=10, weight_schedule="profile", weight_scale=1.0,
-                              loss_weight=1.0, dropout=0.15 if preset.startswith("any_direction") else 0.0,
-                              head_loss_when_dropped=head_on_dropped)
+    c.modalities.label = config_base.modality("label", num_classes=10, weight_schedule="profile", weight_scale=1.0,
+                                              loss_weight=1.0,
+                                              dropout=0.15 if preset.startswith("any_direction") else 0.0,
+                                              head_loss_when_dropped=head_on_dropped)
     if head_on_dropped:
         c.sample.clip_z0 = True
         c.sample.guidance_interval = (200, 1000)

@@ -20,8 +20,9 @@ def get_config(preset: str = ""):
         raise ValueError(f"unknown preset {preset!r}; use one of {PRESETS}.")
     c = config_base.get_base_config()
     c.data.source = "digits_masks"
-    c.modalities.label = dict(kind="label", num_classes=10, weight_schedule="profile", weight_scale=1.0,
-                              loss_weight=1.0, dropout=0.15)
-    c.modalities.mask = dict(kind="mask", shape=(8, 8), num_classes=11, weight_schedule="profile", weight_scale=1.0,
-                             loss_weight=1.0 / (8 * 8), dropout=0.15)  # one number per pixel, like L0
+    c.modalities.label = config_base.modality("label", num_classes=10, weight_schedule="profile", weight_scale=1.0,
+                                              loss_weight=1.0, dropout=0.15)
+    # the mask's loss weight: one number per pixel, like L0
+    c.modalities.mask = config_base.modality("mask", shape=(8, 8), num_classes=11, weight_schedule="profile",
+                                             weight_scale=1.0, loss_weight=1.0 / (8 * 8), dropout=0.15)
     return c

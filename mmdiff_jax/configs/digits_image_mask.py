@@ -21,9 +21,9 @@ def get_config(preset: str = ""):
         raise ValueError(f"unknown preset {preset!r}; use one of {PRESETS}.")
     c = config_base.get_base_config()
     loss_weight = 1.0 / (8 * 8) if preset in ("per_pixel_mask_loss", "any_direction") else 1.0
-    c.modalities.mask = dict(kind="mask", shape=(8, 8), num_classes=11, weight_schedule="profile",
-                             weight_scale=1.0, loss_weight=loss_weight,
-                             dropout=0.15 if preset == "any_direction" else 0.0)
+    c.modalities.mask = config_base.modality("mask", shape=(8, 8), num_classes=11, weight_schedule="profile",
+                                             weight_scale=1.0, loss_weight=loss_weight,
+                                             dropout=0.15 if preset == "any_direction" else 0.0)
     c.data.source = "digits_masks"
     if preset == "segmentation_only":
         c.diffusion.loss_weights.l0 = 0.0

@@ -24,7 +24,7 @@ def get_config(preset: str = ""):
         raise ValueError(f"unknown preset {preset!r}; use one of {PRESETS}.")
     c = config_base.get_base_config()
     loss_weight = 1.0 / 128 if preset == "per_dim_vector_loss" else 1.0
-    c.modalities.embedding = dict(kind="vector", shape=(128,), weight_schedule="profile", weight_scale=1.0,
-                                  loss_weight=loss_weight)
+    c.modalities.embedding = config_base.modality("vector", shape=(128,), weight_schedule="profile", weight_scale=1.0,
+                                                  loss_weight=loss_weight)
     c.data.vectors = {"embedding": "evaluator"}
     return c

@@ -29,14 +29,14 @@ def get_config(preset: str = ""):
     c.data.masking.count = 2
     c.eval.inpainting_counts = (1, 2, 3)
     if preset == "":
-        c.modalities.masked = dict(kind="pixels", shape=(8, 8, 1), weight_schedule="profile", weight_scale=1.0,
-                                   loss_weight=0.1)
+        c.modalities.masked = config_base.modality("pixels", shape=(8, 8, 1), weight_schedule="profile",
+                                                   weight_scale=1.0, loss_weight=0.1)
         c.data.masking.into = "masked"
     elif preset == "reconstruction_only":
         c.primary = "masked"
         c.modalities.masked = dict(kind="image", shape=(8, 8, 1))
-        c.modalities.image = dict(kind="pixels", shape=(8, 8, 1), weight_schedule="profile", weight_scale=0.0,
-                                  loss_weight=1.0)
+        c.modalities.image = config_base.modality("pixels", shape=(8, 8, 1), weight_schedule="profile",
+                                                  weight_scale=0.0, loss_weight=1.0)
         c.data.masking.into = "masked"
         c.diffusion.loss_weights.l0 = 0.0
     return c

@@ -20,7 +20,7 @@ def get_config(preset: str = ""):
     c = config_base.get_base_config()
     c.latent_shape = None  # from the data
     c.modalities.image = dict(kind="image", shape=None)
-    c.modalities.label = dict(kind="label", num_classes=0, weight_schedule="profile", weight_scale=1.0,
-                              loss_weight=1.0)
+    c.modalities.label = config_base.modality("label", num_classes=0, weight_schedule="profile", weight_scale=1.0,
+                                              loss_weight=1.0)
     config_base.use_file_data(c, preset)
     return c

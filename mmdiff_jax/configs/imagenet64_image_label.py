@@ -24,7 +24,7 @@ def get_config(preset: str = ""):
     c = config_base.get_base_config()
     c.latent_shape = (64, 64, 3)  # checked against the shards when they are there
     c.modalities.image = dict(kind="image", shape=(64, 64, 3))
-    c.modalities.label = dict(kind="label", num_classes=1000, weight_schedule="profile", weight_scale=1.0,
-                              loss_weight=1.0)
+    c.modalities.label = config_base.modality("label", num_classes=1000, weight_schedule="profile", weight_scale=1.0,
+                                              loss_weight=1.0)
     config_base.use_imagenet64_recipe(c, preset)
     return c

@@ -27,10 +27,11 @@ def get_config(preset: str = ""):
     c.modalities.image = dict(kind="image", shape=(64, 64, 3))
     config_base.use_imagenet64_recipe(c, "smoke" if preset.endswith("smoke") else "")
     size = tuple(c.latent_shape)
-    c.modalities.masked = dict(kind="pixels", shape=size, weight_schedule="profile", weight_scale=1.0, loss_weight=0.1)
+    c.modalities.masked = config_base.modality("pixels", shape=size, weight_schedule="profile", weight_scale=1.0,
+                                               loss_weight=0.1)
     if with_label:
-        c.modalities.label = dict(kind="label", num_classes=1000, weight_schedule="profile", weight_scale=1.0,
-                                  loss_weight=1.0)
+        c.modalities.label = config_base.modality("label", num_classes=1000, weight_schedule="profile",
+                                                  weight_scale=1.0, loss_weight=1.0)
     c.data.masking.into = "masked"
     c.data.masking.square = size[0] // 4
     c.data.masking.count = 2

@@ -24,9 +24,7 @@ def get_config(preset: str = "", with_label: bool = True):
     c.latent_shape = (28, 28, 1)
     c.modalities.image = dict(kind="image", shape=(28, 28, 1))
     if with_label:
-        # every field the ablations change is spelled out, so that the command line can override it
-        c.modalities.label = dict(kind="label", num_classes=10, weight_schedule="profile", weight_scale=1.0,
-                                  loss_weight=1.0, code_grid=0, head="")
+        c.modalities.label = config_base.modality("label", num_classes=10)
     c.data.source = DATASETS[preset]
     c.data.source_kwargs = {} if preset == "fashion" else {"test_fraction": 0.2, "seed": 0}
     c.data.global_batch_size = 64

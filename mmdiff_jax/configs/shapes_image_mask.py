@@ -25,8 +25,8 @@ def get_config(preset: str = ""):
     c.latent_shape = (16, 16, 1)
     c.modalities.image = dict(kind="image", shape=(16, 16, 1))
     loss_weight = 1.0 / (16 * 16) if preset == "per_pixel_mask_loss" else 1.0
-    c.modalities.mask = dict(kind="mask", shape=(16, 16), num_classes=4, weight_schedule="profile",
-                             weight_scale=1.0, loss_weight=loss_weight)
+    c.modalities.mask = config_base.modality("mask", shape=(16, 16), num_classes=4, weight_schedule="profile",
+                                             weight_scale=1.0, loss_weight=loss_weight)
     c.data.source = "shapes"
     c.data.source_kwargs = {"size": 16, "num_train": 4000, "num_test": 1000, "seed": 0}
     c.data.global_batch_size = 64

@@ -13,8 +13,8 @@ PRESETS = ("", "learns", "mask", "vector", "dropout", "masked", "reconstruction_
 
 def get_config(preset: str = ""):
     c = config_base.get_base_config()
-    c.modalities.label = dict(kind="label", num_classes=10, weight_schedule="profile", weight_scale=1.0,
-                              loss_weight=1.0)
+    c.modalities.label = config_base.modality("label", num_classes=10, weight_schedule="profile", weight_scale=1.0,
+                                              loss_weight=1.0)
     c.data.global_batch_size = 16
     c.model.channels = (16, 32)
     c.model.temb_dim = 32
@@ -42,8 +42,8 @@ def get_config(preset: str = ""):
         c.eval.evaluator_steps = 400
     elif preset == "mask":  # image + segmentation mask on 8x8 procedural shapes (no label)
         del c.modalities["label"]
-        c.modalities.mask = dict(kind="mask", shape=(8, 8), num_classes=4, weight_schedule="profile",
-                                 weight_scale=1.0, loss_weight=1.0)
+        c.modalities.mask = config_base.modality("mask", shape=(8, 8), num_classes=4, weight_schedule="profile",
+                                                 weight_scale=1.0, loss_weight=1.0)
         c.data.source = "shapes"
         c.data.source_kwargs = {"size": 8, "num_train": 256, "num_test": 64, "seed": 0}
         c.optim.lr = 3e-3
@@ -52,8 +52,8 @@ def get_config(preset: str = ""):
         c.train.checkpoint_every = 40
     elif preset == "vector":  # image + evaluator embedding on the digits
         del c.modalities["label"]
-        c.modalities.embedding = dict(kind="vector", shape=(128,), weight_schedule="profile", weight_scale=1.0,
-                                      loss_weight=1.0)
+        c.modalities.embedding = config_base.modality("vector", shape=(128,), weight_schedule="profile",
+                                                      weight_scale=1.0, loss_weight=1.0)
         c.data.vectors = {"embedding": "evaluator"}
         c.optim.lr = 3e-3
         c.train.num_steps = 40
@@ -72,13 +72,13 @@ def get_config(preset: str = ""):
     elif preset in ("masked", "reconstruction_only"):  # masked-image pretraining and its baseline on the digits
         del c.modalities["label"]
         if preset == "masked":
-            c.modalities.masked = dict(kind="pixels", shape=(8, 8, 1), weight_schedule="profile", weight_scale=1.0,
-                                       loss_weight=0.1)
+            c.modalities.masked = config_base.modality("pixels", shape=(8, 8, 1), weight_schedule="profile",
+                                                       weight_scale=1.0, loss_weight=0.1)
         else:
             c.primary = "masked"
             c.modalities.masked = dict(kind="image", shape=(8, 8, 1))
-            c.modalities.image = dict(kind="pixels", shape=(8, 8, 1), weight_schedule="profile", weight_scale=0.0,
-                                      loss_weight=1.0)
+            c.modalities.image = config_base.modality("pixels", shape=(8, 8, 1), weight_schedule="profile",
+                                                      weight_scale=0.0, loss_weight=1.0)
             c.diffusion.loss_weights.l0 = 0.0
         c.data.masking.into = "masked"
         c.optim.lr = 3e-3
