@@ -123,6 +123,11 @@ def get_base_config() -> ml_collections.ConfigDict:
     # ε̃ = ε̂ + w (ε̂ - ε̂ without it), applied for training steps t in guidance_interval = (t_min, t_max).
     c.sample.guidance = ml_collections.ConfigDict()
     c.sample.guidance_interval = (0, 1000)  # (t_min, t_max)
+    # Joint samples' labels: 'expected' (the article's sampler: the process carries each label head's expected code
+    # at every step) or 'drawn' (each label drawn once from its head at t = T, the model's marginal of the label, and
+    # the rest generated given it: ancestral sampling, label first; with a deterministic sampler the expected code
+    # never commits to one class, and z_t then holds a mixture of codes no training example has)
+    c.sample.joint_labels = "expected"
     c.sample.batch_size = 500  # samples per compiled sampler call
     c.sample.seed = 1  # sampling RNG (part of the --mode eval / sample output tag)
 

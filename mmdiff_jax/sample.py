@@ -73,6 +73,40 @@ class Generator:
 
         return run
 
+    @functools.cached_property
+    def _draw_labels_jit(self):
+        latent_shape = tuple(self.config.latent_shape)
+        names = tuple(m.name for m in self.diff.modalities.aux if m.kind == "label")
+
+        @functools.partial(jax.jit, static_argnames=("batch_size",))
+        def run(params, key_data, present, labels, batch_size):
+            """Each label modality drawn from its head at t = T, z_T ~ N(0, I): {name: int32 [batch_size]}."""
+            z_key, draw_key = jax.random.split(jax.random.wrap_key_data(key_data))
+            z = jax.random.normal(z_key, (batch_size,) + latent_shape, jnp.float32)
+            t = jnp.full((batch_size,), self.diff.num_steps, jnp.int32)
+            keep = None if present is None else jnp.broadcast_to(present, (batch_size, present.shape[0]))
+            heads = self._predict_fn(params, labels)(z, t, keep).heads
+            return {name: jax.random.categorical(jax.random.fold_in(draw_key, i), heads[name]).astype(jnp.int32)
+                    for i, name in enumerate(names)}
+
+        return run
+
+    def _draw_labels(self, key: jax.Array, num: int, names: Sequence[str], present, class_labels) -> dict:
+        """`sample.joint_labels = 'drawn'`: the labels of `num` joint samples, each drawn from its head's distribution
+        at t = T (where z_T holds almost nothing of any modality, so the head gives the model's marginal of the
+        label); the reverse process then generates everything else given them (ancestral sampling: label, then the
+        rest given it)."""
+        bs = min(self.config.sample.batch_size, num)
+        out = {name: [] for name in names}
+        for i, start in enumerate(range(0, num, bs)):
+            idx = np.minimum(np.arange(start, start + bs), num - 1)
+            labels = None if class_labels is None else jnp.asarray(np.asarray(class_labels)[idx])
+            drawn = self._draw_labels_jit(self.params, jax.random.key_data(jax.random.fold_in(key, i)), present,
+                                          labels, batch_size=bs)
+            for name in names:
+                out[name].append(np.asarray(drawn[name])[:min(bs, num - start)])
+        return {name: np.concatenate(parts) for name, parts in out.items()}
+
     def generate(self, key: jax.Array, num: int, given: Mapping[str, np.ndarray] | None = None,
                  known_pixels: tuple[np.ndarray, np.ndarray] | None = None, absent: Sequence[str] = (),
                  guidance: Mapping[str, float] | None = None,
@@ -86,6 +120,10 @@ class Generator:
 
         A class-conditional model (`model.num_classes`) takes its class labels as `given["label"]`, drawn uniformly
         at random from `key` when not given; they are returned under "label".
+
+        With `sample.joint_labels = 'drawn'` and nothing given, each label modality is drawn first from its head
+        at t = T and the rest generated given it (see `_draw_labels`); 'expected' (the default) generates the label
+        in the process, carried by its head's expected code at every step.
 
         Returns {modality name: data} for every modality (the given ones are passed through; absent ones are the
         heads' outputs, which were not used).
@@ -109,6 +147,12 @@ class Generator:
                 raise UserError("absent modalities and guidance need a model trained with modality dropout "
                                 "(modalities.<name>.dropout > 0).")
             present = jnp.asarray([name not in absent for name in aux_names])
+        joint = not (set(given) - set(class_field)) and known_pixels is None  # nothing of the data given
+        if joint and self.config.sample.get("joint_labels", "expected") == "drawn":
+            names = [m.name for m in mods.aux if m.kind == "label" and m.name not in absent]
+            if names:
+                given.update(self._draw_labels(jax.random.fold_in(key, 2**31 - 2), num, names, present,
+                                               given.get(objective.CLASS_LABELS)))
         latent_shape = tuple(self.config.latent_shape)
         n_aux = len(mods.aux)
         known_mask = np.array([m.name in given for m in mods.aux], bool)

@@ -117,6 +117,34 @@ def test_one_model_samples_joint_marginal_conditional_and_guided(dropout_run):
         gen.generate(jax.random.key(1), 6, guidance={"image": 1.0})
 
 
+def test_drawn_joint_labels_come_from_the_head_at_t_max_and_then_condition_the_rest(dropout_run):
+    config, workdir, _ = dropout_run
+    config = config.copy_and_resolve_references()
+    config.sample.joint_labels = "drawn"
+    gen = sample.load_generator(config, workdir)
+    key = jax.random.key(4)
+    joint = gen.generate(key, 6)
+    drawn = gen._draw_labels(jax.random.fold_in(key, 2**31 - 2), 6, ["label"], None, None)["label"]
+    np.testing.assert_array_equal(joint["label"], drawn)
+    np.testing.assert_array_equal(joint["image"], gen.generate(key, 6, given={"label": drawn})["image"])
+    # the draws follow the head's distribution: a head made to output fixed logits (its last layer's kernel zeroed,
+    # its bias log p) is drawn from with frequencies p, within four binomial standard deviations over 4,000 draws
+    model = nnx.merge(gen.graphdef, gen.params)
+    probs = np.array([0.3, 0.2, 0.15, 0.1, 0.08, 0.06, 0.05, 0.03, 0.02, 0.01])
+    model.heads["label"].lin2.kernel[...] = jnp.zeros_like(model.heads["label"].lin2.kernel[...])
+    model.heads["label"].lin2.bias[...] = jnp.log(jnp.asarray(probs, jnp.float32))
+    fixed = sample.Generator(config=config, diff=gen.diff, graphdef=gen.graphdef, params=nnx.split(model)[1],
+                             step=gen.step)
+    freq = np.bincount(fixed._draw_labels(jax.random.key(5), 4000, ["label"], None, None)["label"], minlength=10)
+    np.testing.assert_array_less(np.abs(freq / 4000 - probs), 4 * np.sqrt(probs * (1 - probs) / 4000))
+    # anything given (here the image: image -> label) leaves the label to the process, as 'expected' does
+    images = np.asarray(joint["image"])
+    config.sample.joint_labels = "expected"
+    expected = sample.load_generator(config, workdir)
+    np.testing.assert_array_equal(gen.generate(key, 6, given={"image": images})["label"],
+                                  expected.generate(key, 6, given={"image": images})["label"])
+
+
 def test_eval_reports_guided_accuracy_bits_per_dim_by_modality_and_the_head_probe(dropout_run):
     config, workdir, _ = dropout_run
     config = config.copy_and_resolve_references()
