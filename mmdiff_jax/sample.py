@@ -97,12 +97,15 @@ class Generator:
         label); the reverse process then generates everything else given them (ancestral sampling: label, then the
         rest given it)."""
         bs = min(self.config.sample.batch_size, num)
+        whole = parallel.replicated(self.mesh)  # one small batch, every device (and process) draws all of it
         out = {name: [] for name in names}
         for i, start in enumerate(range(0, num, bs)):
             idx = np.minimum(np.arange(start, start + bs), num - 1)
-            labels = None if class_labels is None else jnp.asarray(np.asarray(class_labels)[idx])
-            drawn = self._draw_labels_jit(self.params, jax.random.key_data(jax.random.fold_in(key, i)), present,
-                                          labels, batch_size=bs)
+            labels = None if class_labels is None else parallel.put(np.asarray(class_labels)[idx], whole)
+            drawn = self._draw_labels_jit(
+                self._mesh_params, parallel.put(jax.random.key_data(jax.random.fold_in(key, i)), whole),
+                None if present is None else parallel.put(present, whole), labels, batch_size=bs)
+            drawn = parallel.fetch(drawn)
             for name in names:
                 out[name].append(np.asarray(drawn[name])[:min(bs, num - start)])
         return {name: np.concatenate(parts) for name, parts in out.items()}
