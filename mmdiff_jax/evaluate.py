@@ -163,7 +163,7 @@ def _label_metrics(gen, m, key, test_src, joint, ev, read, out_dir) -> dict:
     if draws > 1:
         metrics[f"{m.name}/image_to_label_accuracy_per_draw"] = per_draw
         metrics[f"{m.name}/image_to_label_accuracy_std"] = float(np.std(per_draw, ddof=1))
-    if gen.diff.modalities.conditions_on_presence and m.spec.dropout > 0 and m.spec.head_loss_when_dropped:
+    if m.spec.dropout > 0 and m.spec.head_loss_when_dropped:
         # a head also trained on the examples without the label reads it from the image alone: the label left out of
         # the process, its head's output at the last reverse step, the first draw's key
         alone = gen.generate(keys[0], len(test_src), given=given, absent=[m.name])[m.name]

@@ -265,7 +265,7 @@ def _every_shipped_config():
     """(name:preset, config) of every shipped config and preset."""
     for name in configs.names():
         module = importlib.import_module(f"mmdiff_jax.configs.{name}")
-        for preset in getattr(module, "PRESETS", ("",)):
+        for preset in configs.presets(name):
             yield f"{name}:{preset}", module.get_config(preset) if preset else module.get_config()
 
 
