@@ -91,6 +91,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     # code part the heads' expected encodings then explain) | read_codes (label codes read out of z_t in closed form
     # and removed before the backbone, the read classes in its time embedding: objective.predict, code_reader.py)
     c.diffusion.denoiser_output = "eps"
+    # read_codes only: a label's class, where it is known (the training data's; a given or drawn label in sampling),
+    # is given to the reader instead of read from z_t: the backbone is then told the class exactly (an image denoiser
+    # conditioned on its class) and the exact code is removed; unknown labels are still read
+    c.diffusion.read_known_classes = False
     c.diffusion.bin_width = 0.125  # grid spacing of the image data (digits: 17 grey levels in [-1, 1])
 
     c.optim = ml_collections.ConfigDict()

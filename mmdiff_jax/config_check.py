@@ -175,6 +175,10 @@ def validate(config, device_count: int | None = None, process_count: int | None 
             dict(m).get("kind") in code_reader.read_kinds() for m in config.get("modalities", {}).values()):
         c.problems.append("diffusion.denoiser_output: 'read_codes' reads the codes of label modalities and this config "
                           "has none; use 'eps' or 'composite'.")
+    c.choice("diffusion.read_known_classes", {True, False})
+    if c.get("diffusion.read_known_classes") is True and c.get("diffusion.denoiser_output") != "read_codes":
+        c.problems.append("diffusion.read_known_classes: gives known classes to the code reader of "
+                              "denoiser_output='read_codes'; set that too, or set this to False.")
     # data
     c.choice("data.source", sources.SOURCES)
     batch = c.int_range("data.global_batch_size", 1)

@@ -300,7 +300,10 @@ def _likelihood_metrics(config, gen, key, test_arrays) -> dict:
     def run(z0, enc, batch, k):
         def denoise(zt, t):
             labels = batch[objective.CLASS_LABELS] if gen.diff.num_classes else None
-            pred = objective.predict(model, gen.diff, zt, t, labels=labels)
+            # read_known_classes: the reader is given the labels, as in training (the image's bits are then those
+            # of p(image | label))
+            known = {m.name: batch[m.name] for m in mods.aux if m.kind == "label"}
+            pred = objective.predict(model, gen.diff, zt, t, labels=labels, known_classes=known)
             learned = () if pred.var_frac is None else (pred.var_frac,)
             return (pred.eps, pred.enc, mods.nlls(pred.heads, batch, zt.shape[0])) + learned
 

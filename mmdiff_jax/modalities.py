@@ -54,7 +54,8 @@ class ModalitySpec:
     # bilinearly to the latent (a smooth, low-frequency code)
     code_grid: int = 0
     # "": the kind's own head; a label also takes "conv": a small strided CNN on the full-resolution features instead
-    # of the MLP on the pooled ones (a classifier with spatial features, e.g. on features it cannot train)
+    # of the MLP on the pooled ones (a classifier with spatial features, e.g. on features it cannot train), and
+    # "conv_latent": that CNN, one layer deeper, on the features and the backbone's input latent (the image itself)
     head: str = ""
 
 
@@ -152,15 +153,29 @@ class _MLPHead(nnx.Module):
 
 class _ConvHead(nnx.Module):
     """Full-resolution features [B, H, W, C] and time embedding -> [B, out_dim]: two stride-2 3x3 convolutions
-    (2C, then 4C channels), the spatial mean, then an MLP with the time embedding."""
+    (2C, then 4C channels), the spatial mean, then an MLP with the time embedding.
 
-    def __init__(self, channels: int, temb_dim: int, out_dim: int, hidden: int, rngs: nnx.Rngs):
-        self.conv1 = nnx.Conv(channels, 2 * channels, (3, 3), strides=(2, 2), rngs=rngs)
+    With `latent_channels` > 0 it also reads the backbone's input latent (`Features.latent` [B, H, W, latent_channels],
+    concatenated to the features) and adds a third 3x3 convolution (4C channels) at a quarter of the resolution, so
+    that it can classify the image itself where the backbone's features do not hold the class."""
+
+    def __init__(self, channels: int, temb_dim: int, out_dim: int, hidden: int, rngs: nnx.Rngs,
+                 latent_channels: int = 0):
+        self.reads_latent = latent_channels > 0
+        self.conv1 = nnx.Conv(channels + latent_channels, 2 * channels, (3, 3), strides=(2, 2), rngs=rngs)
         self.conv2 = nnx.Conv(2 * channels, 4 * channels, (3, 3), strides=(2, 2), rngs=rngs)
+        self.conv3 = nnx.data(nnx.Conv(4 * channels, 4 * channels, (3, 3), rngs=rngs) if self.reads_latent else None)
         self.mlp = _MLPHead(4 * channels, temb_dim, out_dim, hidden, rngs)
 
     def __call__(self, feats: Features) -> jax.Array:
-        h = nnx.silu(self.conv2(nnx.silu(self.conv1(feats.fmap))))  # [B, H/4, W/4, 4C]
+        x = feats.fmap
+        if self.reads_latent:
+            if feats.latent is None:
+                raise ValueError("this head reads the latent: the composed model must set Features.latent.")
+            x = jnp.concatenate([x, feats.latent.astype(x.dtype)], axis=-1)  # [B, H, W, C + latent channels]
+        h = nnx.silu(self.conv2(nnx.silu(self.conv1(x))))  # [B, H/4, W/4, 4C]
+        if self.conv3 is not None:
+            h = nnx.silu(self.conv3(h))
         return self.mlp(Features(jnp.mean(h, axis=(1, 2)), feats.fmap, feats.temb))
 
 
@@ -197,11 +212,12 @@ def smooth_unit_rms_codes(num_codes: int, latent_shape: tuple[int, ...], grid: i
 class LabelModality(Modality):
     """A class label, int [B] in 0..K-1. Encoder: a fixed unit-RMS random code per class, of the latent's shape
     (white noise, or smooth with `code_grid`).
-    Head: an MLP on pooled features (or with head="conv" a small CNN on the full-resolution ones) -> logits [B, K];
+    Head: an MLP on pooled features (or with head="conv" a small CNN on the full-resolution ones, with "conv_latent"
+    on those and the backbone's input latent) -> logits [B, K];
     ê = softmax(logits) · codes; categorical likelihood."""
 
     kind = "label"
-    head_options = ("mlp", "conv")
+    head_options = ("mlp", "conv", "conv_latent")
 
     def __init__(self, spec: ModalitySpec, latent_shape: tuple[int, ...]):
         super().__init__(spec, latent_shape)
@@ -226,8 +242,9 @@ class LabelModality(Modality):
         return jnp.asarray(self.codes)[x]
 
     def make_head(self, feature_dim, fmap_channels, temb_dim, rngs):
-        if self.spec.head == "conv":
-            return _ConvHead(fmap_channels, temb_dim, self.spec.num_classes, 128, rngs)
+        if self.spec.head in ("conv", "conv_latent"):
+            latent_channels = self.latent_shape[-1] if self.spec.head == "conv_latent" else 0
+            return _ConvHead(fmap_channels, temb_dim, self.spec.num_classes, 128, rngs, latent_channels)
         return _MLPHead(feature_dim, temb_dim, self.spec.num_classes, 128, rngs)
 
     def nll(self, head_out: jax.Array, x: jax.Array) -> jax.Array:

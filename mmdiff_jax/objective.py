@@ -30,6 +30,7 @@ class Diffusion:
     learn_sigma: bool = False  # the backbone also outputs the reverse variance (model.learn_sigma)
     vlb_trains_mean: bool = True  # False: ADM's hybrid loss (L1, L3 train the variance only; see losses.loss_terms)
     num_classes: int = 0  # > 0: a class-conditional model (model.num_classes): batch["label"] is an input
+    read_known_classes: bool = False  # read_codes: known label classes are given to the reader, not read (`predict`)
 
     @property
     def num_steps(self) -> int:
@@ -85,6 +86,7 @@ def build_diffusion(config) -> Diffusion:
         learn_sigma=bool(config.model.get("learn_sigma", False)),
         vlb_trains_mean=float(dcfg.loss_weights.get("l0", 0.0)) == 0.0,
         num_classes=int(config.model.get("num_classes", 0)),
+        read_known_classes=bool(dcfg.get("read_known_classes", False)),
     )
 
 
@@ -104,7 +106,8 @@ class Prediction(NamedTuple):
 
 
 def predict(model, diff: Diffusion, zt: jax.Array, t: jax.Array, present: jax.Array | None = None,
-            dropout_key: jax.Array | None = None, labels: jax.Array | None = None) -> Prediction:
+            dropout_key: jax.Array | None = None, labels: jax.Array | None = None,
+            known_classes: Mapping[str, jax.Array] | None = None) -> Prediction:
     """The reverse model at (z_t [B, *S], t [B]): `Prediction` (ε̂, ê, the heads' outputs, the variance's frac).
 
     `present` [B, N] (models trained with modality dropout): a dropped modality does not drive the process, so its
@@ -120,13 +123,16 @@ def predict(model, diff: Diffusion, zt: jax.Array, t: jax.Array, present: jax.Ar
     it from denoising through the codes (ẑ_0 = (z~_t - s_t r) / abar_t: an image denoiser told the read classes),
     and its L0 (`compute_loss`) is ‖r - (z~_t - abar_t z_0) / s_t‖², the heads being trained by L2 alone. With
     `diff.learn_sigma` the backbone's output has twice the latent's channels: r, then v (ADM's layout). `labels` int [B]: the class
-    labels of a class-conditional model (`diff.num_classes` > 0).
+    labels of a class-conditional model (`diff.num_classes` > 0). `known_classes` {label modality name: int [B]}:
+    with 'read_codes' and `diff.read_known_classes`, those labels' classes are given to the reader instead of read
+    from z_t (one-hot p, exact codes): the training data's, a sampler's given or drawn labels; unknown ones are read.
     """
     kwargs = {} if labels is None else {"labels": labels}
     mods = diff.modalities
     model_input = zt
     if diff.denoiser_output == "read_codes":
-        kwargs["read_probs"], enc_read = code_reader.read(mods, diff.sched, zt, t, present)
+        known = known_classes if diff.read_known_classes else None
+        kwargs["read_probs"], enc_read = code_reader.read(mods, diff.sched, zt, t, present, known)
         model_input = zt - process.mix_modalities(diff.sched.c, t, enc_read)
     if dropout_key is not None and getattr(model, "takes_dropout_key", False):  # a backbone with dropout (ADM)
         kwargs["dropout_key"] = dropout_key
@@ -164,8 +170,9 @@ def compute_loss(model, diff: Diffusion, batch: Mapping[str, jax.Array], key: ja
         enc = enc * _per_modality(present, enc)  # a dropped modality does not drive the forward process
     zt = process.q_sample(diff.sched, t, z0, enc, eps)
     labels = batch[CLASS_LABELS] if diff.num_classes else None
+    known = {m.name: batch[m.name] for m in mods.aux if m.kind in code_reader.read_kinds()}
     eps_hat, enc_hat, head_outs, var_frac = predict(model, diff, zt, t, present, dropout_key=jax.random.fold_in(key, 3),
-                                                    labels=labels)
+                                                    labels=labels, known_classes=known)
     aux_nll = mods.nlls(head_outs, batch, batch_size)
     trained = jnp.ones_like(aux_nll)  # [B, N]: the examples each head is trained on
     if present is not None:

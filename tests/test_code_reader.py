@@ -13,7 +13,7 @@ from flax import nnx
 
 from mmdiff_jax import config_check, evaluate, modalities, objective, sample, train
 from mmdiff_jax.configs import tiny
-from mmdiff_jax.diffusion import code_reader, process
+from mmdiff_jax.diffusion import code_reader, process, samplers
 from mmdiff_jax.errors import UserError
 
 SHAPE = (8, 8, 2)
@@ -72,9 +72,10 @@ def test_reader_is_calibrated_when_its_assumptions_hold():
     np.testing.assert_allclose(accuracy, np.mean(p.max(axis=1)), atol=4 * 0.5 / np.sqrt(n))
 
 
-def _diffusion(output="read_codes", dropout=0.0):
+def _diffusion(output="read_codes", dropout=0.0, read_known=False):
     config = tiny.get_config()
     config.diffusion.denoiser_output = output
+    config.diffusion.read_known_classes = read_known
     config.modalities.label.dropout = dropout
     return config, objective.build_diffusion(config)
 
@@ -214,3 +215,70 @@ def test_read_codes_l0_is_the_image_noise_loss_of_the_backbone():
         diff.sched.s, t, zt)
     expected = np.mean(np.mean((np.asarray(r) - np.asarray(target)) ** 2, axis=(1, 2, 3)))
     np.testing.assert_allclose(float(metrics["loss/l0"]), expected, rtol=1e-4)
+
+
+def test_known_classes_are_given_to_the_reader_not_read():
+    """diffusion.read_known_classes: a known label's class reaches the backbone one-hot and its exact code is removed,
+    so the backbone reads abar_t z_0 + s_t ε at every t, also where the reader would be unsure (t = 1, 99); without
+    the flag known classes are ignored (read); an absent label is still zero."""
+    t = jnp.array([1, 10, 37, 50, 80, 99], jnp.int32)
+    _, diff = _diffusion(read_known=True)
+    labels, z0, eps, zt = _draw(diff, t, seed=2)
+    model = _RecordingModel(jnp.zeros_like(zt), jnp.zeros((6, 10)))
+    objective.predict(model, diff, zt, t, known_classes={"label": labels})
+    np.testing.assert_array_equal(np.asarray(model.seen["read_probs"]), np.asarray(jax.nn.one_hot(labels, 10)))
+    image_part = process.per_example(diff.sched.abar, t, z0) * z0 + process.per_example(diff.sched.s, t, z0) * eps
+    np.testing.assert_allclose(np.asarray(model.seen["zt"]), np.asarray(image_part), atol=1e-5)
+    read_probs, _ = code_reader.read(diff.modalities, diff.sched, zt, t)
+    assert float(jnp.max(jnp.abs(read_probs[0] - jax.nn.one_hot(labels[0], 10)))) > 0.5  # t = 1: the reader is unsure
+    _, plain = _diffusion()
+    objective.predict(model, plain, zt, t, known_classes={"label": labels})
+    np.testing.assert_allclose(np.asarray(model.seen["read_probs"]), np.asarray(read_probs), atol=1e-6)
+    _, dropping = _diffusion(dropout=0.2, read_known=True)
+    objective.predict(model, dropping, zt, t, jnp.zeros((6, 1), jnp.float32), known_classes={"label": labels})
+    np.testing.assert_array_equal(np.asarray(model.seen["read_probs"]), 0.0)
+
+
+def test_training_with_known_classes_matches_the_image_noise_exactly():
+    """With read_known_classes the training loss gives the reader the batch's labels: L0 = ‖r - ε‖² per dimension."""
+    _, diff = _diffusion(read_known=True)
+    batch = {"image": jax.random.uniform(jax.random.key(0), (6, 8, 8, 1), minval=-1, maxval=1),
+             "label": jnp.arange(6) % 10}
+    key = jax.random.key(7)
+    r = jax.random.normal(jax.random.key(5), (6, 8, 8, 1))
+    _, metrics = objective.compute_loss(_RecordingModel(r, jnp.zeros((6, 10))), diff, batch, key)
+    eps = jax.random.normal(jax.random.split(key)[1], batch["image"].shape, jnp.float32)  # compute_loss's ε
+    expected = np.mean(np.mean((np.asarray(r) - np.asarray(eps)) ** 2, axis=(1, 2, 3)))
+    np.testing.assert_allclose(float(metrics["loss/l0"]), expected, rtol=1e-4)
+
+
+def test_given_labels_reach_the_reader_in_sampling():
+    """Generator.generate with a given label on a read_known_classes model samples with the label's class given to
+    the reader: the same images as the samplers' loop run with `known_classes`, different ones without."""
+    config, diff = _diffusion(read_known=True)
+    graphdef, params = train.create_model(config, diff)
+    params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(3), p.shape, p.dtype), params)
+    gen = sample.Generator(config, diff, graphdef, params, step=0, devices=jax.devices()[:1])
+    labels = np.arange(8, dtype=np.int32) % 10
+    key = jax.random.key(11)
+    images = gen.generate(key, 8, given={"label": labels})["image"]
+    cfg = config.sample
+    known_enc = np.asarray(diff.modalities.aux[0].encode(jnp.asarray(labels)))[:, None]
+
+    def direct(known_classes):
+        def predict_fn(zt, t, present=None):
+            return objective.predict(nnx.merge(graphdef, params), diff, zt, t, present, known_classes=known_classes)
+        z0, _ = samplers.sample(gen.chain, predict_fn, jax.random.fold_in(key, 0), 8, tuple(config.latent_shape),
+                                method=cfg.sampler, eta=cfg.eta, known_enc=jnp.asarray(known_enc),
+                                known_mask=jnp.asarray([True]), clip_z0=cfg.clip_z0)
+        return np.clip(np.asarray(z0), -1.0, 1.0)
+
+    np.testing.assert_allclose(images, direct({"label": jnp.asarray(labels)}), atol=1e-4)
+    assert float(np.max(np.abs(images - direct(None)))) > 1e-3
+
+
+def test_read_known_classes_needs_read_codes():
+    config = tiny.get_config()
+    config.diffusion.read_known_classes = True
+    with pytest.raises(UserError, match="diffusion.read_known_classes: gives known classes"):
+        config_check.validate(config)

@@ -64,6 +64,35 @@ def test_conv_label_head_reads_the_full_resolution_features():
     assert float(jnp.max(jnp.abs(head(moved) - logits))) > 1e-3
 
 
+def test_conv_latent_label_head_reads_the_image_latent():
+    """head="conv_latent": logits [B, K] from the features and the backbone's input latent, the same with and without
+    jit; a change of the latent alone changes them; without the latent it refuses to run; the composed model gives
+    its heads the latent it denoises."""
+    mods = M.build_modalities([M.ModalitySpec("image", "image", shape=LATENT),
+                               M.ModalitySpec("label", "label", num_classes=10, head="conv_latent")], LATENT)
+    head = mods.aux[0].make_head(feature_dim=24, fmap_channels=16, temb_dim=32, rngs=nnx.Rngs(0))
+    keys = jax.random.split(jax.random.key(1), 4)
+    feats = Features(jax.random.normal(keys[0], (3, 24)), jax.random.normal(keys[1], (3, 8, 8, 16)),
+                     jax.random.normal(keys[2], (3, 32)), latent=jax.random.normal(keys[3], (3,) + LATENT))
+    logits = head(feats)
+    chex.assert_shape(logits, (3, 10))
+    chex.assert_type(logits, jnp.float32)
+    jitted = nnx.jit(lambda h, pooled, fmap, temb, latent: h(Features(pooled, fmap, temb, latent)))
+    np.testing.assert_allclose(jitted(head, feats.pooled, feats.fmap, feats.temb, feats.latent), logits, rtol=1e-5,
+                               atol=1e-6)
+    other = Features(feats.pooled, feats.fmap, feats.temb, latent=-feats.latent)
+    assert float(jnp.max(jnp.abs(head(other) - logits))) > 1e-3
+    with pytest.raises(ValueError, match="reads the latent"):
+        head(Features(feats.pooled, feats.fmap, feats.temb))
+    model = MTDiffusion(UNetConfig(channels=(16, 32), temb_dim=32), mods, rngs=nnx.Rngs(0))
+    z = jax.random.normal(keys[3], (3,) + LATENT)
+    t = jnp.asarray([1, 5, 100])
+    _, heads = model(z, t)
+    _, heads_other = model(-z, t)
+    chex.assert_shape(heads["label"], (3, 10))
+    assert float(jnp.max(jnp.abs(heads["label"] - heads_other["label"]))) > 1e-4
+
+
 def test_a_head_the_kind_does_not_have_is_refused():
     with pytest.raises(M.ModalityError, match=r"modality 'label' \(label\): head 'attention' is not one of"):
         M.build_modalities([M.ModalitySpec("image", "image", shape=LATENT),

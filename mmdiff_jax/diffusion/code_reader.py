@@ -19,6 +19,8 @@ assumptions hold (tests/test_code_reader.py checks it against a float64 Gaussian
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,13 +48,15 @@ def class_logits(codes: jax.Array, zt: jax.Array, c: jax.Array, var: jax.Array) 
     return c * corr / var - 0.5 * c**2 * energy[None, :] / var
 
 
-def read(mods, sched: Schedule, zt: jax.Array, t: jax.Array,
-         present: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+def read(mods, sched: Schedule, zt: jax.Array, t: jax.Array, present: jax.Array | None = None,
+         known: Mapping[str, jax.Array] | None = None) -> tuple[jax.Array, jax.Array]:
     """The read classes and codes of every label modality at (z_t [B, *S], t [B]).
 
     Returns (probs [B, sum of the read modalities' K], enc_read [B, N, *S]): the reader's class probabilities,
     concatenated in modality order, and the expected codes sum_k p(k | z_t) e_k (zero for modalities that are not
     read). `present` [B, N] (modality dropout): an absent modality's code is not in z_t, so it reads as zero.
+    `known` {label modality name: int [B]} (`diffusion.read_known_classes`): those classes are not read but taken as
+    given, probabilities one-hot and codes exact (the data's in training, given or drawn labels in sampling).
     """
     batch = zt.shape[0]
     c_all = sched.c[t]  # [B, N]
@@ -64,7 +68,10 @@ def read(mods, sched: Schedule, zt: jax.Array, t: jax.Array,
             continue
         codes = jnp.asarray(m.codes)
         c = c_all[:, i]
-        p = jax.nn.softmax(class_logits(codes, zt, c, total - c**2), axis=-1)  # [B, K]
+        if known is not None and m.name in known:
+            p = jax.nn.one_hot(known[m.name], codes.shape[0], dtype=jnp.float32)  # [B, K]
+        else:
+            p = jax.nn.softmax(class_logits(codes, zt, c, total - c**2), axis=-1)  # [B, K]
         if present is not None:
             p = p * present[:, i:i + 1].astype(p.dtype)
         probs.append(p)

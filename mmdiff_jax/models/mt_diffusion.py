@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -75,4 +77,5 @@ class MTDiffusion(nnx.Module):
         eps_hat, feats = self.backbone(zt, t, extra, dropout_key)
         if self.heads_grad_max_t is not None:
             feats = feats.gradient_only_where(t <= self.heads_grad_max_t)
+        feats = dataclasses.replace(feats, latent=zt)  # the backbone's input, for heads that read the image itself
         return eps_hat, {name: head(feats) for name, head in self.heads.items()}

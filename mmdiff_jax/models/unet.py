@@ -27,17 +27,19 @@ class UNetConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Features:
-    """What the heads read: pooled [B, F] vector, the full-resolution map [B, H, W, C0], the time embedding."""
+    """What the heads read: pooled [B, F] vector, the full-resolution map [B, H, W, C0], the time embedding, and
+    (set by the composed model, for heads that read it) the backbone's input latent [B, H, W, C]."""
 
     pooled: jax.Array
     fmap: jax.Array
     temb: jax.Array
+    latent: jax.Array | None = None
 
     def gradient_only_where(self, keep: jax.Array) -> "Features":
         """The same features; the gradient reaches the backbone only through the examples where `keep` [B] holds."""
         def gate(x):
             return jnp.where(keep.reshape((-1,) + (1,) * (x.ndim - 1)), x, jax.lax.stop_gradient(x))
-        return Features(*(gate(x) for x in (self.pooled, self.fmap, self.temb)))
+        return Features(*(gate(x) for x in (self.pooled, self.fmap, self.temb)), latent=self.latent)
 
 
 class UNet(nnx.Module):
