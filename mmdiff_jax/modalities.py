@@ -55,7 +55,9 @@ class ModalitySpec:
     code_grid: int = 0
     # "": the kind's own head; a label also takes "conv": a small strided CNN on the full-resolution features instead
     # of the MLP on the pooled ones (a classifier with spatial features, e.g. on features it cannot train), and
-    # "conv_latent": that CNN, one layer deeper, on the features and the backbone's input latent (the image itself)
+    # "conv_latent": that CNN, one layer deeper, on the features and the backbone's input latent (the image itself),
+    # and "latent": a five-layer CNN on that latent alone, with the embedding of t (for diffusion.read_known_classes,
+    # whose backbone features carry the given class)
     head: str = ""
 
 
@@ -179,6 +181,27 @@ class _ConvHead(nnx.Module):
         return self.mlp(Features(jnp.mean(h, axis=(1, 2)), feats.fmap, feats.temb))
 
 
+class _LatentHead(nnx.Module):
+    """The backbone's input latent [B, H, W, C] and the embedding of t alone -> [B, out_dim]: five 3x3 convolutions
+    (2W, 2W stride 2, 4W, 4W stride 2, 4W channels, W the backbone's first width), the spatial mean, then an MLP
+    with the time embedding. It reads nothing the backbone computed but the embedding of t: a classifier of the noisy
+    image for a backbone whose features carry a given label (`diffusion.read_known_classes`)."""
+
+    def __init__(self, latent_channels: int, width: int, temb_dim: int, out_dim: int, hidden: int, rngs: nnx.Rngs):
+        plan = [(latent_channels, 2 * width, 1), (2 * width, 2 * width, 2), (2 * width, 4 * width, 1),
+                (4 * width, 4 * width, 2), (4 * width, 4 * width, 1)]
+        self.convs = nnx.List([nnx.Conv(i, o, (3, 3), strides=(s, s), rngs=rngs) for i, o, s in plan])
+        self.mlp = _MLPHead(4 * width, temb_dim, out_dim, hidden, rngs)
+
+    def __call__(self, feats: Features) -> jax.Array:
+        if feats.latent is None or feats.time_emb is None:
+            raise ValueError("this head reads the latent and the time embedding: the composed model must set them.")
+        h = feats.latent
+        for conv in self.convs:
+            h = nnx.silu(conv(h))  # [B, H/4, W/4, 4W] at the end
+        return self.mlp(Features(jnp.mean(h, axis=(1, 2)), feats.fmap, feats.time_emb))
+
+
 def unit_rms_codes(num_codes: int, latent_shape: tuple[int, ...], seed: int) -> np.ndarray:
     """Fixed random codes [K, *S], each with root-mean-square 1 (so a weight scale λ means a shift of λ per dim)."""
     rng = np.random.default_rng(seed)
@@ -213,11 +236,11 @@ class LabelModality(Modality):
     """A class label, int [B] in 0..K-1. Encoder: a fixed unit-RMS random code per class, of the latent's shape
     (white noise, or smooth with `code_grid`).
     Head: an MLP on pooled features (or with head="conv" a small CNN on the full-resolution ones, with "conv_latent"
-    on those and the backbone's input latent) -> logits [B, K];
+    on those and the backbone's input latent, with "latent" on that latent alone) -> logits [B, K];
     ê = softmax(logits) · codes; categorical likelihood."""
 
     kind = "label"
-    head_options = ("mlp", "conv", "conv_latent")
+    head_options = ("mlp", "conv", "conv_latent", "latent")
 
     def __init__(self, spec: ModalitySpec, latent_shape: tuple[int, ...]):
         super().__init__(spec, latent_shape)
@@ -242,6 +265,8 @@ class LabelModality(Modality):
         return jnp.asarray(self.codes)[x]
 
     def make_head(self, feature_dim, fmap_channels, temb_dim, rngs):
+        if self.spec.head == "latent":
+            return _LatentHead(self.latent_shape[-1], fmap_channels, temb_dim, self.spec.num_classes, 128, rngs)
         if self.spec.head in ("conv", "conv_latent"):
             latent_channels = self.latent_shape[-1] if self.spec.head == "conv_latent" else 0
             return _ConvHead(fmap_channels, temb_dim, self.spec.num_classes, 128, rngs, latent_channels)

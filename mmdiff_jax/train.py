@@ -72,7 +72,7 @@ def build_model(config, diff: objective.Diffusion) -> MTDiffusion:
         heads_grad_max_t = None if max_t >= 1.0 else int(max_t * config.diffusion.num_steps)
     return MTDiffusion(backbone_config(config), diff.modalities, rngs=nnx.Rngs(config.seed),
                        num_classes=diff.num_classes, read_classes=diff.read_classes,
-                       heads_grad_max_t=heads_grad_max_t)
+                       heads_grad_max_t=heads_grad_max_t, read_exact=diff.read_known_classes)
 
 
 def create_model(config, diff: objective.Diffusion) -> tuple[nnx.GraphDef, Any]:

@@ -93,6 +93,40 @@ def test_conv_latent_label_head_reads_the_image_latent():
     assert float(jnp.max(jnp.abs(heads["label"] - heads_other["label"]))) > 1e-4
 
 
+def test_latent_label_head_reads_only_the_latent_and_t():
+    """head="latent": logits [B, K] from the backbone's input latent and the embedding of t alone, the same with and
+    without jit; in the composed model a class given to the backbone (read probabilities) changes ε̂ but not the
+    head's logits, and a change of the latent changes them."""
+    mods = M.build_modalities([M.ModalitySpec("image", "image", shape=LATENT),
+                               M.ModalitySpec("label", "label", num_classes=10, head="latent")], LATENT)
+    head = mods.aux[0].make_head(feature_dim=24, fmap_channels=16, temb_dim=32, rngs=nnx.Rngs(0))
+    keys = jax.random.split(jax.random.key(2), 5)
+    feats = Features(jax.random.normal(keys[0], (3, 24)), jax.random.normal(keys[1], (3, 8, 8, 16)),
+                     jax.random.normal(keys[2], (3, 32)), latent=jax.random.normal(keys[3], (3,) + LATENT),
+                     time_emb=jax.random.normal(keys[4], (3, 32)))
+    logits = head(feats)
+    chex.assert_shape(logits, (3, 10))
+    chex.assert_type(logits, jnp.float32)
+    jitted = nnx.jit(lambda h, latent, time_emb: h(Features(feats.pooled, feats.fmap, feats.temb, latent, time_emb)))
+    np.testing.assert_allclose(jitted(head, feats.latent, feats.time_emb), logits, rtol=1e-5, atol=1e-6)
+    others = Features(-feats.pooled, -feats.fmap, -feats.temb, latent=feats.latent, time_emb=feats.time_emb)
+    np.testing.assert_array_equal(np.asarray(head(others)), np.asarray(logits))
+    with pytest.raises(ValueError, match="reads the latent and the time embedding"):
+        head(Features(feats.pooled, feats.fmap, feats.temb, latent=feats.latent))
+    model = MTDiffusion(UNetConfig(channels=(16, 32), temb_dim=32), mods, rngs=nnx.Rngs(0), read_classes=10,
+                        read_exact=True)
+    out_kernel = model.backbone.conv_out.kernel  # zero at initialisation: ε̂ = 0 whatever the input
+    out_kernel[...] = 0.1 * jax.random.normal(keys[0], out_kernel.shape)
+    z = jax.random.normal(keys[3], (3,) + LATENT)
+    t = jnp.asarray([1, 5, 100])
+    eps_a, heads_a = model(z, t, read_probs=jax.nn.one_hot(jnp.asarray([0, 1, 2]), 10))
+    eps_b, heads_b = model(z, t, read_probs=jax.nn.one_hot(jnp.asarray([7, 8, 9]), 10))
+    assert float(jnp.max(jnp.abs(eps_a - eps_b))) > 0.0  # the backbone takes the class (random initial embedding)
+    np.testing.assert_allclose(np.asarray(heads_a["label"]), np.asarray(heads_b["label"]), atol=1e-6)
+    _, heads_c = model(-z, t, read_probs=jax.nn.one_hot(jnp.asarray([0, 1, 2]), 10))
+    assert float(jnp.max(jnp.abs(heads_a["label"] - heads_c["label"]))) > 1e-4
+
+
 def test_a_head_the_kind_does_not_have_is_refused():
     with pytest.raises(M.ModalityError, match=r"modality 'label' \(label\): head 'attention' is not one of"):
         M.build_modalities([M.ModalitySpec("image", "image", shape=LATENT),

@@ -198,7 +198,7 @@ class ADM(nnx.Module):
                  dropout_key: jax.Array | None = None) -> tuple[jax.Array, Features]:
         dtype = jnp.dtype(self.cfg.dtype)
         run = nnx.remat(_apply_block) if self.cfg.remat else _apply_block
-        emb = self.time2(nnx.silu(self.time1(sinusoidal_embedding(t, self.cfg.channels[0]).astype(dtype))))
+        emb = time_emb = self.time2(nnx.silu(self.time1(sinusoidal_embedding(t, self.cfg.channels[0]).astype(dtype))))
         if extra_temb is not None:
             emb = emb + extra_temb.astype(emb.dtype)
         n_keys = len(self.down) + len(self.up) + 2
@@ -215,7 +215,8 @@ class ADM(nnx.Module):
         fmap = nnx.silu(self.norm_out(h))  # [B, H, W, channels[0]], float32
         eps_hat = self.conv_out(fmap.astype(dtype)).astype(jnp.float32)
         pooled = jnp.concatenate([mid_pooled, jnp.mean(fmap, axis=(1, 2))], axis=-1)
-        return eps_hat, Features(pooled=pooled, fmap=fmap.astype(jnp.float32), temb=emb.astype(jnp.float32))
+        return eps_hat, Features(pooled=pooled, fmap=fmap.astype(jnp.float32), temb=emb.astype(jnp.float32),
+                                 time_emb=time_emb.astype(jnp.float32))
 
 
 class _ConvResample(nnx.Module):

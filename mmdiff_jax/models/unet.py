@@ -27,19 +27,24 @@ class UNetConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Features:
-    """What the heads read: pooled [B, F] vector, the full-resolution map [B, H, W, C0], the time embedding, and
-    (set by the composed model, for heads that read it) the backbone's input latent [B, H, W, C]."""
+    """What the heads read: pooled [B, F] vector, the full-resolution map [B, H, W, C0], the time embedding (with
+    whatever the composed model adds to it), the embedding of t alone [B, temb_dim], and (set by the composed model,
+    for heads that read it) the backbone's input latent [B, H, W, C]."""
 
     pooled: jax.Array
     fmap: jax.Array
     temb: jax.Array
     latent: jax.Array | None = None
+    time_emb: jax.Array | None = None
 
     def gradient_only_where(self, keep: jax.Array) -> "Features":
         """The same features; the gradient reaches the backbone only through the examples where `keep` [B] holds."""
         def gate(x):
+            if x is None:
+                return None
             return jnp.where(keep.reshape((-1,) + (1,) * (x.ndim - 1)), x, jax.lax.stop_gradient(x))
-        return Features(*(gate(x) for x in (self.pooled, self.fmap, self.temb)), latent=self.latent)
+        return Features(*(gate(x) for x in (self.pooled, self.fmap, self.temb)), latent=self.latent,
+                        time_emb=gate(self.time_emb))
 
 
 class UNet(nnx.Module):
@@ -81,7 +86,7 @@ class UNet(nnx.Module):
         dropout: `dropout_key` is accepted (the backbones' common signature) and unused."""
         dtype = jnp.dtype(self.cfg.dtype)
         res = nnx.remat(_res_block) if self.cfg.remat else _res_block
-        temb = self.time(t.astype(jnp.float32))
+        temb = time_emb = self.time(t.astype(jnp.float32))
         if extra_temb is not None:
             temb = temb + extra_temb.astype(temb.dtype)
         h = self.conv_in(zt.astype(dtype))
@@ -100,7 +105,8 @@ class UNet(nnx.Module):
         fmap = nnx.silu(self.norm_out(h))  # [B, H, W, C0]
         eps_hat = self.conv_out(fmap).astype(jnp.float32)
         pooled = jnp.concatenate([mid_pooled, jnp.mean(fmap, axis=(1, 2))], axis=-1).astype(jnp.float32)
-        return eps_hat, Features(pooled=pooled, fmap=fmap.astype(jnp.float32), temb=temb.astype(jnp.float32))
+        return eps_hat, Features(pooled=pooled, fmap=fmap.astype(jnp.float32), temb=temb.astype(jnp.float32),
+                                 time_emb=time_emb.astype(jnp.float32))
 
 
 def _res_block(block: ResBlock, h: jax.Array, temb: jax.Array) -> jax.Array:
