@@ -67,9 +67,10 @@ class Generator:
                 batch_size, has_z0, guidance):
             key = jax.random.wrap_key_data(key_data)
             return samplers.sample(
-                chain, self._predict_fn(params, labels, known_classes), key, batch_size, latent_shape, method=cfg.sampler,
-                eta=cfg.eta, known_z0=known_z0 if has_z0 else None, known_enc=known_enc, known_mask=known_mask,
-                clip_z0=cfg.clip_z0, known_pixels=known_pixels, present=present, guidance=guidance,
+                chain, self._predict_fn(params, labels, known_classes), key, batch_size, latent_shape,
+                method=cfg.sampler, eta=cfg.eta, known_z0=known_z0 if has_z0 else None, known_enc=known_enc,
+                known_mask=known_mask, clip_z0=cfg.clip_z0, known_pixels=known_pixels, present=present,
+                guidance=guidance,
             )
 
         return run
