@@ -35,7 +35,7 @@ from mmdiff_jax import checkpointing, metrics_writer, objective, parallel
 from mmdiff_jax.errors import UserError
 from mmdiff_jax import sample as sample_lib
 from mmdiff_jax.data import masking, sources, vectors
-from mmdiff_jax.diffusion import losses
+from mmdiff_jax.diffusion import code_reader, losses
 from mmdiff_jax.evaluation import evaluator as evaluator_lib
 from mmdiff_jax.evaluation import feature_metrics, grids, head_probe, inpainting, segmentation
 
@@ -302,7 +302,7 @@ def _likelihood_metrics(config, gen, key, test_arrays) -> dict:
             labels = batch[objective.CLASS_LABELS] if gen.diff.num_classes else None
             # read_known_classes: the reader is given the labels, as in training (the image's bits are then those
             # of p(image | label))
-            known = {m.name: batch[m.name] for m in mods.aux if m.kind == "label"}
+            known = {m.name: batch[m.name] for m in mods.aux if m.kind in code_reader.read_kinds()}
             pred = objective.predict(model, gen.diff, zt, t, labels=labels, known_classes=known)
             learned = () if pred.var_frac is None else (pred.var_frac,)
             return (pred.eps, pred.enc, mods.nlls(pred.heads, batch, zt.shape[0])) + learned

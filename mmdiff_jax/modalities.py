@@ -163,15 +163,14 @@ class _ConvHead(nnx.Module):
 
     def __init__(self, channels: int, temb_dim: int, out_dim: int, hidden: int, rngs: nnx.Rngs,
                  latent_channels: int = 0):
-        self.reads_latent = latent_channels > 0
         self.conv1 = nnx.Conv(channels + latent_channels, 2 * channels, (3, 3), strides=(2, 2), rngs=rngs)
         self.conv2 = nnx.Conv(2 * channels, 4 * channels, (3, 3), strides=(2, 2), rngs=rngs)
-        self.conv3 = nnx.data(nnx.Conv(4 * channels, 4 * channels, (3, 3), rngs=rngs) if self.reads_latent else None)
+        self.conv3 = nnx.data(nnx.Conv(4 * channels, 4 * channels, (3, 3), rngs=rngs) if latent_channels else None)
         self.mlp = _MLPHead(4 * channels, temb_dim, out_dim, hidden, rngs)
 
     def __call__(self, feats: Features) -> jax.Array:
         x = feats.fmap
-        if self.reads_latent:
+        if self.conv3 is not None:  # the latent-reading variant
             if feats.latent is None:
                 raise ValueError("this head reads the latent: the composed model must set Features.latent.")
             x = jnp.concatenate([x, feats.latent.astype(x.dtype)], axis=-1)  # [B, H, W, C + latent channels]

@@ -16,7 +16,7 @@ from flax import nnx
 
 from mmdiff_jax import checkpointing, config_check, metrics_writer, objective, parallel, train
 from mmdiff_jax.data import shapes
-from mmdiff_jax.diffusion import samplers
+from mmdiff_jax.diffusion import code_reader, samplers
 from mmdiff_jax.errors import UserError
 from mmdiff_jax.evaluation import grids
 
@@ -162,7 +162,7 @@ class Generator:
         n_aux = len(mods.aux)
         known_mask = np.array([m.name in given for m in mods.aux], bool)
         # diffusion.read_known_classes: the given (or drawn) labels' classes go to the code reader as well
-        read_known = [m.name for m in mods.aux if m.name in given and m.kind == "label"] \
+        read_known = [m.name for m in mods.aux if m.name in given and m.kind in code_reader.read_kinds()] \
             if self.diff.read_known_classes else []
         width = self.mesh.size  # a batch is a multiple of the devices it is split over
         bs = -(-min(self.config.sample.batch_size, num) // width) * width
