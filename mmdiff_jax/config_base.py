@@ -78,6 +78,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     # with heads_train_backbone: the heads' losses reach the backbone only from examples with t <= this fraction of
     # diffusion.num_steps (1.0: from every t); above it the heads still train, on features they cannot change
     c.model.heads_train_backbone_max_t = 1.0
+    # diffusion.read_known_classes: the standard deviation of the class vectors the known classes add to the time
+    # embedding at initialisation; 1.0 is ADM's label embedding (PyTorch's nn.Embedding), as large as the time
+    # embedding it joins; model.temb_dim ** -0.5 is flax's Embed init
+    c.model.read_embedding_init_std = 1.0
     c.model.remat = False  # gradient checkpointing per U-Net ResBlock (memory for FLOPs; same numbers)
 
     c.diffusion = ml_collections.ConfigDict()

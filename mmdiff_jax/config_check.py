@@ -176,6 +176,7 @@ def validate(config, device_count: int | None = None, process_count: int | None 
         c.problems.append("diffusion.denoiser_output: 'read_codes' reads the codes of label modalities and this config "
                           "has none; use 'eps' or 'composite'.")
     c.choice("diffusion.read_known_classes", {True, False})
+    c.number_range("model.read_embedding_init_std", 0.0, low_open=True)
     if c.get("diffusion.read_known_classes") is True and c.get("diffusion.denoiser_output") != "read_codes":
         c.problems.append("diffusion.read_known_classes: gives known classes to the code reader of "
                               "denoiser_output='read_codes'; set that too, or set this to False.")

@@ -72,7 +72,8 @@ def build_model(config, diff: objective.Diffusion) -> MTDiffusion:
         heads_grad_max_t = None if max_t >= 1.0 else int(max_t * config.diffusion.num_steps)
     return MTDiffusion(backbone_config(config), diff.modalities, rngs=nnx.Rngs(config.seed),
                        num_classes=diff.num_classes, read_classes=diff.read_classes,
-                       heads_grad_max_t=heads_grad_max_t, read_exact=diff.read_known_classes)
+                       heads_grad_max_t=heads_grad_max_t, read_exact=diff.read_known_classes,
+                       read_init_std=float(config.model.get("read_embedding_init_std", 1.0)))
 
 
 def create_model(config, diff: objective.Diffusion) -> tuple[nnx.GraphDef, Any]:

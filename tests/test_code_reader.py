@@ -282,3 +282,20 @@ def test_read_known_classes_needs_read_codes():
     config.diffusion.read_known_classes = True
     with pytest.raises(UserError, match="diffusion.read_known_classes: gives known classes"):
         config_check.validate(config)
+
+
+@pytest.mark.parametrize("std", [None, 0.25])
+def test_known_class_vectors_start_at_the_configured_scale(std):
+    """model.read_embedding_init_std: with read_known_classes the class vectors start N(0, std^2) (default 1, ADM's
+    label embedding); without it they start at zero (read probabilities have no effect at initialisation)."""
+    config, diff = _diffusion(read_known=True)
+    if std is not None:
+        config.model.read_embedding_init_std = std
+    kernel = np.asarray(train.create_model(config, diff)[1]["read_embedding"]["kernel"], np.float64)
+    n = kernel.size  # 10 x temb_dim draws: the sample std is within 4 standard errors (std / sqrt(2n))
+    expected = 1.0 if std is None else std
+    np.testing.assert_allclose(kernel.std(), expected, atol=4 * expected / np.sqrt(2 * n))
+    assert abs(kernel.mean()) < 4 * expected / np.sqrt(n)
+    config, diff = _diffusion()
+    kernel = np.asarray(train.create_model(config, diff)[1]["read_embedding"]["kernel"])
+    np.testing.assert_array_equal(kernel, 0.0)

@@ -28,7 +28,7 @@ class MTDiffusion(nnx.Module):
     With `read_classes` > 0 (`diffusion.denoiser_output = 'read_codes'`) the code reader's class probabilities
     (`read_probs` [B, read_classes], diffusion/code_reader.py) enter through a linear map, zero at initialization,
     added to the time embedding; with `read_exact` (`diffusion.read_known_classes`: the classes are known exactly in
-    training) that map starts random, as a label embedding, instead.
+    training) that map starts random instead, one N(0, read_init_std^2 I) vector per class as a label embedding.
 
     With `heads_grad_max_t` (a step in 0..T; None: every t) the heads' losses reach the backbone only through the
     examples with t <= that step (the heads read the other examples' features through a stop-gradient); 0: never,
@@ -36,7 +36,7 @@ class MTDiffusion(nnx.Module):
 
     def __init__(self, backbone: UNetConfig | ADMConfig, modalities: ModalitySet, *, rngs: nnx.Rngs,
                  num_classes: int = 0, read_classes: int = 0, heads_grad_max_t: int | None = None,
-                 read_exact: bool = False):
+                 read_exact: bool = False, read_init_std: float = 1.0):
         self.backbone = BACKBONES[type(backbone)](backbone, rngs=rngs)
         # the loss draws a dropout key only for a backbone with dropout, so other models' programs stay as they were
         self.takes_dropout_key = isinstance(backbone, ADMConfig)
@@ -52,9 +52,9 @@ class MTDiffusion(nnx.Module):
         self.class_embedding = nnx.data(
             nnx.Embed(num_classes, backbone.temb_dim, rngs=rngs) if num_classes else None)
         # read probabilities start at zero effect (the model is an image denoiser at initialisation); exact known
-        # classes (read_exact) start as ADM's label embedding does, one random vector per class
-        read_init = (nnx.initializers.normal(backbone.temb_dim ** -0.5) if read_exact
-                     else nnx.initializers.zeros_init())
+        # classes (read_exact) start as a label embedding does, one random vector per class (std 1: ADM's, as large
+        # as the time embedding they join)
+        read_init = nnx.initializers.normal(read_init_std) if read_exact else nnx.initializers.zeros_init()
         self.read_embedding = nnx.data(
             nnx.Linear(read_classes, backbone.temb_dim, rngs=rngs, kernel_init=read_init) if read_classes else None)
 
