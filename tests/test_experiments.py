@@ -94,6 +94,7 @@ def test_fashion_mnist_reads_idx_files_and_says_how_to_install(tmp_path):
 
 @pytest.mark.parametrize("config", [
     mnist_image_label.get_config(), mnist_image_label.get_config("fashion"), mnist_image_only.get_config(),
+    mnist_image_label.get_config("plain_joint"), mnist_image_label.get_config("fashion_classifier_only"),
     shapes_image_mask.get_config(), shapes_image_mask.get_config("segmentation_only"),
     shapes_image_mask.get_config("per_pixel_mask_loss"),
     digits_image_mask.get_config(), digits_image_mask.get_config("segmentation_only"),
@@ -105,6 +106,28 @@ def test_fashion_mnist_reads_idx_files_and_says_how_to_install(tmp_path):
 ])
 def test_experiment_configs_validate(config):
     config_check.validate(config, device_count=2, process_count=1)
+
+
+def test_mnist_joint_config_is_the_plain_one_with_the_label_given_to_the_denoiser():
+    """The MNIST / Fashion-MNIST joint model differs from `:plain_joint` in exactly the fields of the winning
+    ablation (docs/results.md); its baseline and the classifier-only model are unchanged by them."""
+    def flat(c, prefix=""):
+        out = {}
+        for k, v in c.items():
+            out.update(flat(v, f"{prefix}{k}.") if hasattr(v, "items") else {f"{prefix}{k}": v})
+        return out
+
+    for dataset in ("", "fashion"):
+        joint = flat(mnist_image_label.get_config(dataset).to_dict())
+        plain = flat(mnist_image_label.get_config(f"{dataset}_plain_joint".lstrip("_")).to_dict())
+        changed = {k: joint[k] for k in joint if joint[k] != plain[k]}
+        assert changed == {"diffusion.denoiser_output": "read_codes", "diffusion.read_known_classes": True,
+                           "modalities.label.head": "latent", "model.heads_train_backbone": False,
+                           "modalities.label.dropout": 0.1, "sample.joint_labels": "drawn"}, changed
+    classifier = mnist_image_label.get_config("classifier_only")
+    assert classifier.diffusion.denoiser_output == "eps" and classifier.modalities.label.dropout == 0.0
+    with pytest.raises(ValueError, match="unknown preset 'plain_joint'"):
+        mnist_image_only.get_config("plain_joint")
 
 
 def _train_tiny(preset, tmp_path_factory):

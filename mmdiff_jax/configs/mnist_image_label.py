@@ -4,7 +4,15 @@
     python -m mmdiff_jax.main --config mnist_image_label:fashion --workdir runs/fashion   # Fashion-MNIST
     python -m mmdiff_jax.main --config mnist_image_label:classifier_only --workdir runs/mnist_classifier
 
-The baseline with the same backbone and step budget is mmdiff_jax/configs/mnist_image_only.py (same presets).
+The joint model tells its denoiser the label's class wherever it is known (the data's in training, a given or drawn
+label in sampling: `diffusion.read_known_classes` with `diffusion.denoiser_output='read_codes'`), while the label's
+code still drives the forward process; the label head is a small CNN on the noisy latent (`head='latent'`, its loss
+kept out of the backbone); label dropout 0.1 gives classifier-free guidance; joint samples draw the label first.
+`:plain_joint` is the joint model without these (the denoiser reads z_t as it is, the head reads its features),
+the starting point of the ablations in docs/results.md.
+
+The baseline with the same backbone and step budget is mmdiff_jax/configs/mnist_image_only.py (its presets: the
+datasets).
 """
 
 from mmdiff_jax import config_base
@@ -12,14 +20,16 @@ from mmdiff_jax import config_base
 DATASETS = {"": "mnist_5k", "fashion": "fashion_mnist"}
 # '<dataset>classifier_only': the single-task classifier baseline: the same backbone and label head trained only to
 # classify the noised image (the label does not drive the process, no denoising loss); image -> label is its metric
-PRESETS = tuple(DATASETS) + ("classifier_only", "fashion_classifier_only")
+# '<dataset>plain_joint': the joint model without the label's class given to the denoiser (see the docstring)
+PRESETS = tuple(DATASETS) + ("plain_joint", "fashion_plain_joint", "classifier_only", "fashion_classifier_only")
 
 
 def get_config(preset: str = "", with_label: bool = True):
-    if preset not in PRESETS or (not with_label and preset.endswith("classifier_only")):
+    if preset not in PRESETS or (not with_label and preset not in DATASETS):
         raise ValueError(f"unknown preset {preset!r}; use one of {PRESETS if with_label else tuple(DATASETS)}.")
     classifier_only = preset.endswith("classifier_only")
-    preset = preset.removesuffix("classifier_only").rstrip("_")
+    plain_joint = preset.endswith("plain_joint")
+    preset = preset.removesuffix("classifier_only").removesuffix("plain_joint").rstrip("_")
     c = config_base.get_base_config()
     c.latent_shape = (28, 28, 1)
     c.modalities.image = dict(kind="image", shape=(28, 28, 1))
@@ -45,6 +55,13 @@ def get_config(preset: str = "", with_label: bool = True):
     c.eval.evaluator_steps = 1500
     if preset == "fashion":  # image -> label on the first 2,000 of the 10,000 test images: 50-step reverse processes
         c.eval.conditional_examples = 2000
+    if with_label and not (classifier_only or plain_joint):
+        c.diffusion.denoiser_output = "read_codes"  # the label's code is read out of z_t before the backbone ...
+        c.diffusion.read_known_classes = True  # ... or, where the class is known, given exactly
+        c.modalities.label.head = "latent"  # a CNN on the noisy latent: the backbone's features carry the given class
+        c.model.heads_train_backbone = False  # the backbone learns from the denoising loss alone
+        c.modalities.label.dropout = 0.1  # the unconditional model: joint samples and classifier-free guidance
+        c.sample.joint_labels = "drawn"  # joint samples draw the label first, then the image given it
     if classifier_only:
         c.modalities.label.weight_scale = 0.0  # no shift: the head reads the noised image alone
         c.diffusion.loss_weights.l0 = 0.0  # no denoising
