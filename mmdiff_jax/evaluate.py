@@ -35,7 +35,7 @@ from mmdiff_jax import checkpointing, metrics_writer, objective, parallel
 from mmdiff_jax.errors import UserError
 from mmdiff_jax import sample as sample_lib
 from mmdiff_jax.data import masking, sources, vectors
-from mmdiff_jax.diffusion import code_reader, losses
+from mmdiff_jax.diffusion import code_reader, losses, samplers
 from mmdiff_jax.evaluation import evaluator as evaluator_lib
 from mmdiff_jax.evaluation import feature_metrics, grids, head_probe, inpainting, segmentation
 
@@ -287,7 +287,13 @@ def _inpainting_metrics(config, gen, key, test_src, out_dir) -> dict:
 def _likelihood_metrics(config, gen, key, test_arrays) -> dict:
     """The negative ELBO of the first `eval.elbo_examples` held-out examples (every modality given), as an exact sum
     over all T steps (`losses.elbo`), in bits per dimension: the primary (prior + diffusion + reconstruction terms
-    over its dimensions), each auxiliary modality (its decoder NLL at t = 1 over its own dimensions), and the total."""
+    over its dimensions), each auxiliary modality (its decoder NLL at t = 1 over its own dimensions), and the total.
+
+    A `diffusion.read_known_classes` model generates the image given its labels (the labels drawn first from their
+    heads at t = T in joint sampling), and its bound is of that model: the primary's terms are of p(image | labels)
+    (the known codes replace the heads' ê, ε̂ kept consistent with the model's ẑ_0 as in the samplers:
+    `samplers.condition_eps`), and each known label is charged -log of its head's probability at t = T on a prior
+    draw z_T ~ N(0, I), the marginal the sampler draws from (in expectation an upper bound of -log p(label))."""
     mods = gen.diff.modalities
     num = min(config.eval.elbo_examples, len(test_arrays[mods.primary.name]))
     names = mods.names + gen.diff.input_fields
@@ -295,17 +301,31 @@ def _likelihood_metrics(config, gen, key, test_arrays) -> dict:
     z0 = batch[mods.primary.name].astype(jnp.float32)
     enc = mods.encode(batch)
     model = nnx.merge(gen.graphdef, gen.params)
+    known_names = [m.name for m in mods.aux if m.kind in code_reader.read_kinds()] if gen.diff.read_known_classes \
+        else []
+    known_cols = jnp.asarray([m.name in known_names for m in mods.aux], bool)  # [N]
+    known_enc = known_cols.reshape((1, -1) + (1,) * (enc.ndim - 2))  # [1, N, 1...]: broadcasts against [B, N, *S]
 
     @jax.jit
     def run(z0, enc, batch, k):
+        labels = batch[objective.CLASS_LABELS] if gen.diff.num_classes else None
+        known = {name: batch[name] for name in known_names}
+        marginal_nll = jnp.zeros((z0.shape[0], len(mods.aux)), jnp.float32)  # [B, N]
+        if known_names:
+            z_prior = jax.random.normal(jax.random.fold_in(k, 1), z0.shape, jnp.float32)
+            t_prior = jnp.full((z0.shape[0],), gen.diff.num_steps, jnp.int32)
+            heads = objective.predict(model, gen.diff, z_prior, t_prior, labels=labels).heads
+            marginal_nll = mods.nlls(heads, batch, z0.shape[0])
+
         def denoise(zt, t):
-            labels = batch[objective.CLASS_LABELS] if gen.diff.num_classes else None
-            # read_known_classes: the reader is given the labels, as in training (the image's bits are then those
-            # of p(image | label))
-            known = {m.name: batch[m.name] for m in mods.aux if m.kind in code_reader.read_kinds()}
             pred = objective.predict(model, gen.diff, zt, t, labels=labels, known_classes=known)
+            eps_hat, enc_hat = pred.eps, pred.enc
+            if known_names:  # the image given its labels: their codes are known, not predicted
+                enc_hat = jnp.where(known_enc, enc, pred.enc)
+                eps_hat = samplers.condition_eps(gen.diff.sched, t, zt, pred.eps, pred.enc, enc_hat)
+            aux_nll = jnp.where(known_cols, marginal_nll, mods.nlls(pred.heads, batch, zt.shape[0]))
             learned = () if pred.var_frac is None else (pred.var_frac,)
-            return (pred.eps, pred.enc, mods.nlls(pred.heads, batch, zt.shape[0])) + learned
+            return (eps_hat, enc_hat, aux_nll) + learned
 
         return losses.elbo(gen.diff.sched, denoise, k, z0, enc, [m.data_dims for m in mods.aux], gen.diff.bin_width)
 

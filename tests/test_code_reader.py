@@ -13,7 +13,7 @@ from flax import nnx
 
 from mmdiff_jax import config_check, evaluate, modalities, objective, sample, train
 from mmdiff_jax.configs import tiny
-from mmdiff_jax.diffusion import code_reader, process, samplers
+from mmdiff_jax.diffusion import code_reader, losses, process, samplers
 from mmdiff_jax.errors import UserError
 
 SHAPE = (8, 8, 2)
@@ -299,3 +299,37 @@ def test_known_class_vectors_start_at_the_configured_scale(std):
     config, diff = _diffusion()
     kernel = np.asarray(train.create_model(config, diff)[1]["read_embedding"]["kernel"])
     np.testing.assert_array_equal(kernel, 0.0)
+
+
+def test_the_elbo_of_a_known_classes_model_is_of_the_image_given_its_label():
+    """evaluate's ELBO for read_known_classes: the image's terms are those of the model told the label (its codes
+    known, not the head's ê: the reverse mean of the backbone's own output r on z_t - c_t e, computed here without
+    `predict`), and the label is charged its head's NLL at t = T on a prior draw (the drawn-first marginal)."""
+    config, diff = _diffusion(read_known=True)
+    config.eval.elbo_examples = 4
+    graphdef, params = train.create_model(config, diff)
+    params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(3), p.shape, p.dtype), params)
+    gen = type("Gen", (), dict(diff=diff, graphdef=graphdef, params=params))()
+    test = {"image": np.asarray(jax.random.uniform(jax.random.key(0), (4, 8, 8, 1), minval=-1, maxval=1)),
+            "label": np.arange(4, dtype=np.int32) * 3}
+    key = jax.random.key(5)
+    got = evaluate._likelihood_metrics(config, gen, key, test)
+
+    model = nnx.merge(graphdef, params)
+    mods, sched = diff.modalities, diff.sched
+    z0 = jnp.asarray(test["image"])
+    enc = mods.encode({k: jnp.asarray(v) for k, v in test.items()})
+    one_hot = jax.nn.one_hot(jnp.asarray(test["label"]), 10)
+
+    def told_the_label(zt, t):  # the backbone on z_t without the exact code, told the class one-hot
+        r, heads = model(zt - process.mix_modalities(sched.c, t, enc), t, read_probs=one_hot)
+        return r, enc, jnp.zeros((4, 1))
+
+    k = jax.random.fold_in(key, 6)
+    expected = jax.jit(lambda k: losses.elbo(sched, told_the_label, k, z0, enc, [1], diff.bin_width))(k)
+    np.testing.assert_allclose(got["bpd/image"], float(jnp.mean(expected["bpd/primary"])), rtol=1e-4)
+    z_prior = jax.random.normal(jax.random.fold_in(k, 1), z0.shape, jnp.float32)
+    logits = objective.predict(model, diff, z_prior, jnp.full((4,), diff.num_steps, jnp.int32)).heads["label"]
+    label_nats = -jnp.take_along_axis(jax.nn.log_softmax(logits), jnp.asarray(test["label"])[:, None], 1)[:, 0]
+    np.testing.assert_allclose(got["bpd/label"], float(jnp.mean(label_nats)) / np.log(2.0), rtol=1e-4)
+    np.testing.assert_allclose(got["bpd/total"], (64 * got["bpd/image"] + got["bpd/label"]) / 65, rtol=1e-5)
