@@ -304,7 +304,7 @@ def _likelihood_metrics(config, gen, key, test_arrays) -> dict:
     known_names = [m.name for m in mods.aux if m.kind in code_reader.read_kinds()] if gen.diff.read_known_classes \
         else []
     known_cols = jnp.asarray([m.name in known_names for m in mods.aux], bool)  # [N]
-    known_enc = known_cols.reshape((1, -1) + (1,) * (enc.ndim - 2))  # [1, N, 1...]: broadcasts against [B, N, *S]
+    known_mask = known_cols.reshape((1, -1) + (1,) * (enc.ndim - 2))  # [1, N, 1...]: broadcasts against [B, N, *S]
 
     @jax.jit
     def run(z0, enc, batch, k):
@@ -321,7 +321,7 @@ def _likelihood_metrics(config, gen, key, test_arrays) -> dict:
             pred = objective.predict(model, gen.diff, zt, t, labels=labels, known_classes=known)
             eps_hat, enc_hat = pred.eps, pred.enc
             if known_names:  # the image given its labels: their codes are known, not predicted
-                enc_hat = jnp.where(known_enc, enc, pred.enc)
+                enc_hat = jnp.where(known_mask, enc, pred.enc)
                 eps_hat = samplers.condition_eps(gen.diff.sched, t, zt, pred.eps, pred.enc, enc_hat)
             aux_nll = jnp.where(known_cols, marginal_nll, mods.nlls(pred.heads, batch, zt.shape[0]))
             learned = () if pred.var_frac is None else (pred.var_frac,)
