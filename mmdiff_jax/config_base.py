@@ -29,8 +29,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.latent_shape = (8, 8, 1)  # the diffusion space: the primary image's shape [H, W, C]
     c.primary = "image"  # the modality that is the latent (identity encoder)
     # Modalities: name -> {kind, shape, num_classes, weight_schedule, weight_scale, loss_weight, seed, dropout,
-    # head_loss_when_dropped, code_grid, head} (mmdiff_jax/modalities.py, ModalitySpec); write an auxiliary one as
-    # config_base.modality(kind, **fields) so that every field can be overridden on the command line.
+    # head_loss_when_dropped, code_grid, head, head_width} (mmdiff_jax/modalities.py, ModalitySpec); write an
+    # auxiliary one as config_base.modality(kind, **fields) so that every field can be overridden on the command line.
     c.modalities = ml_collections.ConfigDict()
     c.modalities.image = dict(kind="image", shape=(8, 8, 1))
 
@@ -272,3 +272,14 @@ def use_imagenet64_recipe(c: ml_collections.ConfigDict, preset: str) -> None:
         c.train.num_steps = 3
         c.train.log_every = 1
         c.train.checkpoint_every = 3
+
+
+def give_known_labels_to_the_denoiser(c: ml_collections.ConfigDict, label: str = "label") -> None:
+    """The labels' classes go to the denoiser wherever they are known (the data's in training, given or drawn labels
+    in sampling) and their codes are read out of z_t elsewhere (docs/math.md, "Reading the label codes"); the head of
+    label modality `label` reads the noisy latent (the backbone's features carry the given class); joint samples draw
+    the labels first."""
+    c.diffusion.denoiser_output = "read_codes"
+    c.diffusion.read_known_classes = True
+    c.modalities[label].head = "latent"
+    c.sample.joint_labels = "drawn"

@@ -59,6 +59,9 @@ class ModalitySpec:
     # and "latent": a five-layer CNN on that latent alone, with the embedding of t (for diffusion.read_known_classes,
     # whose backbone features carry the given class)
     head: str = ""
+    # head "latent": its first width W (0: the backbone's first width); its convolutions have 2W, 2W, 4W, 4W, 4W
+    # channels, so the parameters grow about as W^2
+    head_width: int = 0
 
 
 class Modality:
@@ -74,6 +77,10 @@ class Modality:
         self.latent_shape = tuple(latent_shape)
         if spec.head and spec.head not in self.head_options:
             self._fail(f"head {spec.head!r} is not one of this kind's: {['', *self.head_options]}.")
+        width = spec.head_width
+        if int(width) != width or width < 0 or (width and spec.head != "latent"):
+            self._fail(f"head_width must be 0 (the backbone's first width) or, with head 'latent', a positive "
+                       f"integer; got {width!r} with head {spec.head!r}.")
 
     @property
     def data_dims(self) -> int:
@@ -265,7 +272,8 @@ class LabelModality(Modality):
 
     def make_head(self, feature_dim, fmap_channels, temb_dim, rngs):
         if self.spec.head == "latent":
-            return _LatentHead(self.latent_shape[-1], fmap_channels, temb_dim, self.spec.num_classes, 128, rngs)
+            width = int(self.spec.head_width) or fmap_channels
+            return _LatentHead(self.latent_shape[-1], width, temb_dim, self.spec.num_classes, 128, rngs)
         if self.spec.head in ("conv", "conv_latent"):
             latent_channels = self.latent_shape[-1] if self.spec.head == "conv_latent" else 0
             return _ConvHead(fmap_channels, temb_dim, self.spec.num_classes, 128, rngs, latent_channels)

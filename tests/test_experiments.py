@@ -16,8 +16,8 @@ from absl import flags
 from ml_collections import config_flags
 
 from mmdiff_jax import config_base, config_check, configs, evaluate, modalities, sample, train
-from mmdiff_jax.configs import (digits_image_label_mask, digits_image_mask, digits_image_vector, digits_masked_image,
-                                mnist_image_label, mnist_image_only, shapes_image_mask, tiny)
+from mmdiff_jax.configs import (digits_image_label, digits_image_label_mask, digits_image_mask, digits_image_vector,
+                                digits_masked_image, mnist_image_label, mnist_image_only, shapes_image_mask, tiny)
 from mmdiff_jax.data import sources
 from mmdiff_jax.errors import UserError
 from mmdiff_jax.evaluation import segmentation
@@ -99,7 +99,8 @@ def test_fashion_mnist_reads_idx_files_and_says_how_to_install(tmp_path):
     shapes_image_mask.get_config("per_pixel_mask_loss"),
     digits_image_mask.get_config(), digits_image_mask.get_config("segmentation_only"),
     digits_image_mask.get_config("per_pixel_mask_loss"), digits_image_mask.get_config("any_direction"),
-    digits_image_label_mask.get_config(), digits_image_vector.get_config(),
+    digits_image_label_mask.get_config(), digits_image_label_mask.get_config("plain"),
+    digits_image_label.get_config("any_direction_read_known"), digits_image_vector.get_config(),
     digits_image_vector.get_config("per_dim_vector_loss"),
     digits_masked_image.get_config(), digits_masked_image.get_config("reconstruction_only"),
     digits_masked_image.get_config("image_only"),
@@ -108,26 +109,46 @@ def test_experiment_configs_validate(config):
     config_check.validate(config, device_count=2, process_count=1)
 
 
-def test_mnist_joint_config_is_the_plain_one_with_the_label_given_to_the_denoiser():
-    """The MNIST / Fashion-MNIST joint model differs from `:plain_joint` in exactly the fields of the winning
-    ablation (docs/results.md); its baseline and the classifier-only model are unchanged by them."""
+def _changed_fields(config, reference) -> dict:
+    """{dotted field: value in `config`} wherever it differs from `reference` (modalities included)."""
     def flat(c, prefix=""):
         out = {}
         for k, v in c.items():
             out.update(flat(v, f"{prefix}{k}.") if hasattr(v, "items") else {f"{prefix}{k}": v})
         return out
 
+    new, old = flat(config.to_dict()), flat(reference.to_dict())
+    assert new.keys() == old.keys()
+    return {k: new[k] for k in new if new[k] != old[k]}
+
+
+_LABEL_GIVEN = {"diffusion.denoiser_output": "read_codes", "diffusion.read_known_classes": True,
+                "modalities.label.head": "latent", "sample.joint_labels": "drawn"}
+
+
+def test_mnist_joint_config_is_the_plain_one_with_the_label_given_to_the_denoiser():
+    """The MNIST / Fashion-MNIST joint model differs from `:plain_joint` in exactly the fields of the winning
+    ablation (docs/results.md); its baseline and the classifier-only model are unchanged by them."""
     for dataset in ("", "fashion"):
-        joint = flat(mnist_image_label.get_config(dataset).to_dict())
-        plain = flat(mnist_image_label.get_config(f"{dataset}_plain_joint".lstrip("_")).to_dict())
-        changed = {k: joint[k] for k in joint if joint[k] != plain[k]}
-        assert changed == {"diffusion.denoiser_output": "read_codes", "diffusion.read_known_classes": True,
-                           "modalities.label.head": "latent", "model.heads_train_backbone": False,
-                           "modalities.label.dropout": 0.1, "sample.joint_labels": "drawn"}, changed
+        changed = _changed_fields(mnist_image_label.get_config(dataset),
+                                  mnist_image_label.get_config(f"{dataset}_plain_joint".lstrip("_")))
+        assert changed == {**_LABEL_GIVEN, "model.heads_train_backbone": False,
+                           "modalities.label.dropout": 0.1}, changed
     classifier = mnist_image_label.get_config("classifier_only")
     assert classifier.diffusion.denoiser_output == "eps" and classifier.modalities.label.dropout == 0.0
     with pytest.raises(ValueError, match="unknown preset 'plain_joint'"):
         mnist_image_only.get_config("plain_joint")
+
+
+def test_three_modality_config_and_its_label_counterpart_give_the_known_label_to_the_denoiser():
+    """`digits_image_label_mask` differs from its `:plain` preset, and its two-modality label counterpart from
+    `digits_image_label:any_direction`, in exactly the label-given fields (the counterpart also keeps its head's loss
+    out of the backbone; the three-modality model's mask head needs the backbone)."""
+    assert _changed_fields(digits_image_label_mask.get_config(),
+                           digits_image_label_mask.get_config("plain")) == _LABEL_GIVEN
+    assert _changed_fields(digits_image_label.get_config("any_direction_read_known"),
+                           digits_image_label.get_config("any_direction")) == {**_LABEL_GIVEN,
+                                                                                "model.heads_train_backbone": False}
 
 
 def _train_tiny(preset, tmp_path_factory):

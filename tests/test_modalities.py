@@ -127,6 +127,28 @@ def test_latent_label_head_reads_only_the_latent_and_t():
     assert float(jnp.max(jnp.abs(heads_a["label"] - heads_c["label"]))) > 1e-4
 
 
+def test_latent_head_width_sets_its_convolutions_and_needs_the_latent_head():
+    """head_width W: the latent head's convolutions have 2W, 2W, 4W, 4W, 4W output channels (0: the backbone's first
+    width), its logits keep their shape; a width without head 'latent', or a negative one, is refused."""
+    def head_for(width):
+        mods = M.build_modalities([M.ModalitySpec("image", "image", shape=LATENT),
+                                   M.ModalitySpec("label", "label", num_classes=10, head="latent", head_width=width)],
+                                  LATENT)
+        return mods.aux[0].make_head(feature_dim=24, fmap_channels=16, temb_dim=32, rngs=nnx.Rngs(0))
+
+    for width, expected in ((0, 16), (40, 40)):
+        head = head_for(width)
+        assert [conv.out_features for conv in head.convs] == [2 * expected, 2 * expected, 4 * expected,
+                                                               4 * expected, 4 * expected]
+        feats = Features(jnp.zeros((2, 24)), jnp.zeros((2, 8, 8, 16)), jnp.zeros((2, 32)),
+                         latent=jnp.ones((2,) + LATENT), time_emb=jnp.ones((2, 32)))
+        chex.assert_shape(head(feats), (2, 10))
+    for spec in (M.ModalitySpec("label", "label", num_classes=10, head_width=32),
+                 M.ModalitySpec("label", "label", num_classes=10, head="latent", head_width=-1)):
+        with pytest.raises(M.ModalityError, match="head_width"):
+            M.build_modalities([M.ModalitySpec("image", "image", shape=LATENT), spec], LATENT)
+
+
 def test_a_head_the_kind_does_not_have_is_refused():
     with pytest.raises(M.ModalityError, match=r"modality 'label' \(label\): head 'attention' is not one of"):
         M.build_modalities([M.ModalitySpec("image", "image", shape=LATENT),

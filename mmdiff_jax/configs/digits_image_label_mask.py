@@ -4,15 +4,20 @@ mask (each left out of the forward process with probability 0.15; the mask's NLL
 `digits_image_mask:per_pixel_mask_loss`), so one model serves every direction: joint,
 label -> (image, mask), image -> (label, mask) and mask -> (image, label). The evaluation reports each direction.
 
-    python -m mmdiff_jax.main --config digits_image_label_mask --workdir runs/digits_three
+The label's class goes to the denoiser wherever it is known, as in `mnist_image_label`
+(`config_base.give_known_labels_to_the_denoiser`); the mask head still trains the backbone. `:plain` is the model
+without that (the denoiser reads z_t as it is, the label head reads the backbone's features).
 
-Its two-modality counterparts, same backbone, data, dropout and steps: `digits_image_label:any_direction` and
-`digits_image_mask:any_direction`.
+    python -m mmdiff_jax.main --config digits_image_label_mask --workdir runs/digits_three
+    python -m mmdiff_jax.main --config digits_image_label_mask:plain --workdir runs/digits_three_plain
+
+Its two-modality counterparts, same backbone, data, dropout and steps: `digits_image_label:any_direction_read_known`
+and `digits_image_mask:any_direction` (docs/results.md, "Digits, three modalities in one model").
 """
 
 from mmdiff_jax import config_base
 
-PRESETS = ("",)
+PRESETS = ("", "plain")
 
 
 def get_config(preset: str = ""):
@@ -25,4 +30,6 @@ def get_config(preset: str = ""):
     # the mask's loss weight: one number per pixel, like L0
     c.modalities.mask = config_base.modality("mask", shape=(8, 8), num_classes=11, weight_schedule="profile",
                                              weight_scale=1.0, loss_weight=1.0 / (8 * 8), dropout=0.15)
+    if preset != "plain":
+        config_base.give_known_labels_to_the_denoiser(c)
     return c

@@ -56,12 +56,9 @@ def get_config(preset: str = "", with_label: bool = True):
     if preset == "fashion":  # image -> label on the first 2,000 of the 10,000 test images: 50-step reverse processes
         c.eval.conditional_examples = 2000
     if with_label and not (classifier_only or plain_joint):
-        c.diffusion.denoiser_output = "read_codes"  # the label's code is read out of z_t before the backbone ...
-        c.diffusion.read_known_classes = True  # ... or, where the class is known, given exactly
-        c.modalities.label.head = "latent"  # a CNN on the noisy latent: the backbone's features carry the given class
+        config_base.give_known_labels_to_the_denoiser(c)  # read_codes, read_known_classes, latent head, drawn labels
         c.model.heads_train_backbone = False  # the backbone learns from the denoising loss alone
         c.modalities.label.dropout = 0.1  # the unconditional model: joint samples and classifier-free guidance
-        c.sample.joint_labels = "drawn"  # joint samples draw the label first, then the image given it
     if classifier_only:
         c.modalities.label.weight_scale = 0.0  # no shift: the head reads the noised image alone
         c.diffusion.loss_weights.l0 = 0.0  # no denoising
