@@ -136,6 +136,12 @@ def get_base_config() -> ml_collections.ConfigDict:
     # the rest generated given it: ancestral sampling, label first; with a deterministic sampler the expected code
     # never commits to one class, and z_t then holds a mixture of codes no training example has)
     c.sample.joint_labels = "expected"
+    # Labels neither given nor drawn when something else is given (image -> label, mask -> (image, label)): 'read'
+    # (they stay in the process, read from z_t at every step) or 'absent' (a model trained with their dropout leaves
+    # them out of the process, generates the rest without them, and reads them with their heads at the last step;
+    # with diffusion.read_known_classes the backbone then sees no label rather than a soft read of one, which it was
+    # never trained on)
+    c.sample.unknown_labels = "read"
     c.sample.batch_size = 500  # samples per compiled sampler call
     c.sample.seed = 1  # sampling RNG (part of the --mode eval / sample output tag)
 

@@ -322,6 +322,7 @@ def validate(config, device_count: int | None = None, process_count: int | None 
     c.number_range("sample.eta", 0.0)
     c.choice("sample.clip_z0", {True, False})
     c.choice("sample.joint_labels", {"expected", "drawn"})
+    c.choice("sample.unknown_labels", {"read", "absent"})
     c.int_range("sample.batch_size", 1)
     knn = c.int_range("eval.knn_k", 1)
     c.int_range("eval.num_samples", (knn or 1) + 1)

@@ -128,7 +128,9 @@ class Generator:
 
         With `sample.joint_labels = 'drawn'` and nothing given, each label modality is drawn first from its head
         at t = T and the rest generated given it (see `_draw_labels`); 'expected' (the default) generates the label
-        in the process, carried by its head's expected code at every step.
+        in the process, carried by its head's expected code at every step. When something is given, labels that are
+        not stay in the process (`sample.unknown_labels = 'read'`) or are left out of it and read by their heads
+        at the last step ('absent').
 
         Returns {modality name: data} for every modality (the given ones are passed through; absent ones are the
         heads' outputs, which were not used).
@@ -146,13 +148,16 @@ class Generator:
         guides = self._guidance(dict(self.config.sample.guidance) if guidance is None else dict(guidance),
                                 tuple(self.config.sample.guidance_interval) if guidance_interval is None
                                 else tuple(guidance_interval))
+        joint = not (set(given) - set(class_field)) and known_pixels is None  # nothing of the data given
+        if not joint and self.config.sample.get("unknown_labels", "read") == "absent":
+            absent = list(absent) + [m.name for m in mods.aux
+                                     if m.kind == "label" and m.name not in given and m.name not in absent]
         present = None
         if absent or guides:
             if not mods.conditions_on_presence:
-                raise UserError("absent modalities and guidance need a model trained with modality dropout "
-                                "(modalities.<name>.dropout > 0).")
+                raise UserError("absent modalities, sample.unknown_labels='absent' and guidance need a model trained "
+                                "with modality dropout (modalities.<name>.dropout > 0).")
             present = jnp.asarray([name not in absent for name in aux_names])
-        joint = not (set(given) - set(class_field)) and known_pixels is None  # nothing of the data given
         if joint and self.config.sample.get("joint_labels", "expected") == "drawn":
             names = [m.name for m in mods.aux if m.kind == "label" and m.name not in absent]
             if names:

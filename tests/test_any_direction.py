@@ -145,6 +145,32 @@ def test_drawn_joint_labels_come_from_the_head_at_t_max_and_then_condition_the_r
                                   expected.generate(key, 6, given={"image": images})["label"])
 
 
+def test_unknown_labels_absent_leaves_them_out_of_conditional_sampling_only(dropout_run):
+    """sample.unknown_labels='absent': with the image given, the label is left out of the process and read by its
+    head at the last step, exactly as an explicit absent=['label']; a given label and joint samples are unchanged."""
+    config, workdir, _ = dropout_run
+    config = config.copy_and_resolve_references()
+    read_gen = sample.load_generator(config, workdir)
+    config.sample.unknown_labels = "absent"
+    absent_gen = sample.Generator(config=config, diff=read_gen.diff, graphdef=read_gen.graphdef,
+                                  params=read_gen.params, step=read_gen.step)
+    key = jax.random.key(6)
+    images = sources.for_eval(config, "test", workdir).first(100).arrays["image"]
+    left_out = absent_gen.generate(key, 100, given={"image": images})
+    explicit = read_gen.generate(key, 100, given={"image": images}, absent=["label"])
+    np.testing.assert_array_equal(left_out["label"], explicit["label"])
+    np.testing.assert_array_equal(left_out["image"], images)
+    assert not np.array_equal(left_out["label"], read_gen.generate(key, 100, given={"image": images})["label"])
+    for given in ({}, {"label": np.arange(6, dtype=np.int32)}):
+        a, r = absent_gen.generate(key, 6, given=given), read_gen.generate(key, 6, given=given)
+        np.testing.assert_array_equal(a["image"], r["image"])
+        np.testing.assert_array_equal(a["label"], r["label"])
+    with pytest.raises(ConfigError, match="sample.unknown_labels"):
+        bad = config.copy_and_resolve_references()
+        bad.sample.unknown_labels = "drop"
+        config_check.validate(bad, device_count=2, process_count=1)
+
+
 def test_eval_reports_guided_accuracy_bits_per_dim_by_modality_and_the_head_probe(dropout_run):
     config, workdir, _ = dropout_run
     config = config.copy_and_resolve_references()
