@@ -142,10 +142,12 @@ def test_mnist_joint_config_is_the_plain_one_with_the_label_given_to_the_denoise
 
 def test_three_modality_config_and_its_label_counterpart_give_the_known_label_to_the_denoiser():
     """`digits_image_label_mask` differs from its `:plain` preset, and its two-modality label counterpart from
-    `digits_image_label:any_direction`, in exactly the label-given fields (the counterpart also keeps its head's loss
-    out of the backbone; the three-modality model's mask head needs the backbone)."""
+    `digits_image_label:any_direction`, in exactly the label-given fields (the three-modality model also leaves an
+    unknown label out of conditional sampling; the counterpart keeps its head's loss out of the backbone, which the
+    three-modality model's mask head needs)."""
     assert _changed_fields(digits_image_label_mask.get_config(),
-                           digits_image_label_mask.get_config("plain")) == _LABEL_GIVEN
+                           digits_image_label_mask.get_config("plain")) == {**_LABEL_GIVEN,
+                                                                            "sample.unknown_labels": "absent"}
     assert _changed_fields(digits_image_label.get_config("any_direction_read_known"),
                            digits_image_label.get_config("any_direction")) == {**_LABEL_GIVEN,
                                                                                 "model.heads_train_backbone": False}

@@ -5,8 +5,10 @@ mask (each left out of the forward process with probability 0.15; the mask's NLL
 label -> (image, mask), image -> (label, mask) and mask -> (image, label). The evaluation reports each direction.
 
 The label's class goes to the denoiser wherever it is known, as in `mnist_image_label`
-(`config_base.give_known_labels_to_the_denoiser`); the mask head still trains the backbone. `:plain` is the model
-without that (the denoiser reads z_t as it is, the label head reads the backbone's features).
+(`config_base.give_known_labels_to_the_denoiser`); the mask head still trains the backbone. Where the label is not
+given (image -> (label, mask), mask -> (image, label)) it is left out of the process and read by its head at the end
+(`sample.unknown_labels = 'absent'`). `:plain` is the model without these (the denoiser reads z_t as it is, the
+label head reads the backbone's features).
 
     python -m mmdiff_jax.main --config digits_image_label_mask --workdir runs/digits_three
     python -m mmdiff_jax.main --config digits_image_label_mask:plain --workdir runs/digits_three_plain
@@ -32,4 +34,7 @@ def get_config(preset: str = ""):
                                              weight_scale=1.0, loss_weight=1.0 / (8 * 8), dropout=0.15)
     if preset != "plain":
         config_base.give_known_labels_to_the_denoiser(c)
+        # image -> (label, mask) and mask -> (image, label): the unknown label is left out of the process and read at
+        # the end, so the backbone sees no label (as in training, dropout 0.15) rather than a soft read of one
+        c.sample.unknown_labels = "absent"
     return c
