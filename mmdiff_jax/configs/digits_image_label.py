@@ -48,4 +48,3 @@ def get_config(preset: str = ""):
         config_base.give_known_labels_to_the_denoiser(c)
         c.model.heads_train_backbone = False  # the backbone learns from the denoising loss alone
     return c
-
