@@ -151,7 +151,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.eval.max_data_examples = 10000  # file sources: a seeded spread of at most this many examples per split
     c.eval.evaluator_steps = 2000  # training steps of the evaluator classifier
     c.eval.knn_k = 3  # k of improved precision/recall
-    c.eval.image_to_label_draws = 1  # image -> label accuracy: mean over this many independent reverse processes
+    c.eval.image_to_label_draws = 1  # image -> label: independent reverse processes (mean accuracy; > 1: also the vote)
     c.eval.conditional_examples = 0  # image -> label / mask on the first N held-out examples (0: all of them)
     c.eval.elbo_examples = 256  # held-out examples whose ELBO (bits/dim per modality) is summed over all T steps
     c.eval.guidance_weights = (0.0, 1.0, 2.0, 4.0)  # label -> image accuracy per weight (models with dropout)

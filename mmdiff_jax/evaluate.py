@@ -5,7 +5,8 @@ Images (when the data has class labels to train the evaluator on): Fréchet dist
 the evaluator's feature space against the held-out real images (with the train-vs-held-out distance as the floor).
 Labels: agreement between each jointly generated label and the evaluator's reading of its generated image; the share
 of the rarest class; image -> label accuracy of the model on held-out real images (the first
-`eval.conditional_examples` of them when set, as for image -> mask); label -> image accuracy (the
+`eval.conditional_examples` of them when set, as for image -> mask; with `eval.image_to_label_draws` > 1, the
+mean over independent reverse processes and the accuracy of their majority vote); label -> image accuracy (the
 evaluator reads the requested class). Masks: image -> mask mIoU and pixel accuracy on held-out images; consistency
 of joint samples (mIoU between the generated mask and the model's mask for the generated image). Vectors (evaluator
 embeddings): cosine similarity between each generated embedding and the embedding of its generated image.
@@ -157,22 +158,25 @@ def _label_metrics(gen, m, key, test_src, joint, ev, read, out_dir) -> dict:
     draws = int(gen.config.eval.get("image_to_label_draws", 1))  # independent reverse processes per held-out image
     keys = [jax.random.fold_in(key, 1)]  # the first draw's key is the one a single draw has always used
     keys += [jax.random.fold_in(keys[0], d) for d in range(1, draws)]
-    per_draw = [float(np.mean(gen.generate(k, len(test_src), given=given)[m.name] == test_src.arrays[m.name]))
-                for k in keys]
+    truth = test_src.arrays[m.name]
+    drawn = np.stack([gen.generate(k, len(test_src), given=given)[m.name] for k in keys])  # [draws, N]
+    per_draw = [float(np.mean(d == truth)) for d in drawn]
     metrics[f"{m.name}/image_to_label_accuracy"] = float(np.mean(per_draw))
     if draws > 1:
         metrics[f"{m.name}/image_to_label_accuracy_per_draw"] = per_draw
         metrics[f"{m.name}/image_to_label_accuracy_std"] = float(np.std(per_draw, ddof=1))
+        # the label most draws agree on (ties: the smallest class), the model's estimate of the most likely label
+        metrics[f"{m.name}/image_to_label_accuracy_vote"] = float(np.mean(majority_vote(drawn, num_classes) == truth))
     if m.spec.dropout > 0 and m.spec.head_loss_when_dropped:
         # a head also trained on the examples without the label reads it from the image alone: the label left out of
         # the process, its head's output at the last reverse step, the first draw's key
         alone = gen.generate(keys[0], len(test_src), given=given, absent=[m.name])[m.name]
-        metrics[f"{m.name}/image_to_label_accuracy_head_alone"] = float(np.mean(alone == test_src.arrays[m.name]))
+        metrics[f"{m.name}/image_to_label_accuracy_head_alone"] = float(np.mean(alone == truth))
     if ev is None:  # no evaluator for this data
         return metrics
     metrics[f"{m.name}/agreement"] = float(np.mean(labels == read))
-    metrics[f"{m.name}/label_to_image_accuracy"], wanted = _label_to_image(gen, m.name, num_classes, n, key, ev,
-                                                                           out_dir)
+    accuracy, wanted = _label_to_image(gen, m.name, num_classes, n, key, ev, out_dir)
+    metrics[f"{m.name}/label_to_image_accuracy"] = accuracy
     if gen.diff.modalities.conditions_on_presence:
         # classifier-free guidance on the label, the same noise: each weight under sample.guidance_interval, each
         # nonzero one also under the eval.guidance_intervals (suffix _t<t_min>-<t_max>)
@@ -181,6 +185,9 @@ def _label_metrics(gen, m, key, test_src, joint, ev, read, out_dir) -> dict:
         settings += [(w, (int(lo), int(hi)), f"_t{int(lo)}-{int(hi)}") for lo, hi in intervals
                      for w in weights if float(w) != 0.0]
         for w, interval, suffix in settings:
+            if float(w) == 0.0 and interval is None:  # the plain conditional above: same key, same samples
+                metrics[f"{m.name}/label_to_image_accuracy_guidance_0"] = accuracy
+                continue
             guided = gen.generate(jax.random.fold_in(key, 2), n, given={m.name: wanted}, guidance={m.name: w},
                                   guidance_interval=interval)
             metrics[f"{m.name}/label_to_image_accuracy_guidance_{w:g}{suffix}"] = float(
@@ -191,6 +198,12 @@ def _label_metrics(gen, m, key, test_src, joint, ev, read, out_dir) -> dict:
         metrics["image/frechet_distance_without_" + m.name] = feature_metrics.frechet_distance(
             ev(test_src.arrays[image_name])[1], ev(marginal[image_name])[1])
     return metrics
+
+
+def majority_vote(drawn: np.ndarray, num_classes: int) -> np.ndarray:
+    """The most frequent class per column of `drawn` [D, N] (ties: the smallest class); returns [N]."""
+    counts = (drawn[..., None] == np.arange(num_classes)).sum(axis=0)  # [N, K]
+    return counts.argmax(axis=1).astype(drawn.dtype)
 
 
 def _class_conditional_metrics(gen, key, ev, out_dir) -> dict:

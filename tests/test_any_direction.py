@@ -195,8 +195,15 @@ def test_eval_reports_guided_accuracy_bits_per_dim_by_modality_and_the_head_prob
     assert alone == float(np.mean(read == labels))
     with_label = gen.generate(first_draw, 100, given={"image": images})["label"]  # the label in the process
     assert not np.array_equal(read, with_label)
+    second = gen.generate(jax.random.fold_in(first_draw, 1), 100, given={"image": images})["label"]
+    np.testing.assert_allclose(per_draw, [np.mean(with_label == labels), np.mean(second == labels)])
+    voted = evaluate.majority_vote(np.stack([with_label, second]), 10)  # two draws: a tie goes to the smaller class
+    np.testing.assert_array_equal(voted, np.where(with_label == second, with_label, np.minimum(with_label, second)))
+    assert results["label/image_to_label_accuracy_vote"] == float(np.mean(voted == labels))
+    np.testing.assert_array_equal(evaluate.majority_vote(np.array([[1, 2, 3], [1, 3, 3], [2, 2, 0]]), 4), [1, 2, 3])
     for w in ("0", "2"):
         assert 0.0 <= results[f"label/label_to_image_accuracy_guidance_{w}"] <= 1.0
+    assert results["label/label_to_image_accuracy_guidance_0"] == results["label/label_to_image_accuracy"]
     guided = "label/label_to_image_accuracy_guidance_"  # the same noise: an interval of every step is the default
     assert results[f"{guided}2_t0-{big_t}"] == results[f"{guided}2"]  # (0, 1000), and one of no step is no guidance
     assert results[f"{guided}2_t{big_t + 1}-{big_t + 1}"] == results[f"{guided}0"]
