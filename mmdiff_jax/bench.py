@@ -26,12 +26,12 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from mmdiff_jax import cli, configs, timing
+from mmdiff_jax import cli, configs, cpu_backend, timing
 
 _CONFIG = config_flags.DEFINE_config_file("config", configs.path("digits_image_label"),
                                           "Config to benchmark: a shipped config's name or a file, with :preset.")
 _OUT = flags.DEFINE_string("out", "bench.json", "Where to write the JSON results.")
-_CPU_DEVICES = flags.DEFINE_integer("cpu_devices", len(os.sched_getaffinity(0)), "CPU devices (as in main).")
+_CPU_DEVICES = flags.DEFINE_integer("cpu_devices", cpu_backend.DEFAULT_CPU_DEVICES, "CPU devices (as in main).")
 _XLA_CPU_TUNED = flags.DEFINE_bool("xla_cpu_tuned", True, "As in main: the XLA CPU flag of mmdiff_jax/cpu_backend.py "
                                    "(--noxla_cpu_tuned times XLA's defaults).")
 _PROFILE = flags.DEFINE_bool("profile", False, "Also trace the multi-device train step and report its time by op "
@@ -287,8 +287,6 @@ def bench_data(num_images: int = 4000, image_size: int = 64, batch: int = 128, s
 def main(argv):
     del argv
     import jax
-
-    from mmdiff_jax import cpu_backend
 
     backend_note = cpu_backend.configure(_CPU_DEVICES.value, _XLA_CPU_TUNED.value)
     config = _CONFIG.value
