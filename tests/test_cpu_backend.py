@@ -40,18 +40,24 @@ print(json.dumps({"note": note, "loss": float(loss), "grads": flat.tolist(), "yn
 """
 
 
-def _run(*modes: str) -> list[dict]:
-    """One fresh process per mode, all at once (each compiles on its own core); their JSON lines, in order."""
+def _last_lines(script: str, argvs: list[list[str]], timeout: int = 300) -> list[str]:
+    """`script` in one fresh process per argv, all at once (each compiles on its own core), without the caller's
+    XLA_FLAGS; the last line each printed, in order."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["JAX_PLATFORMS"] = "cpu"
-    procs = [subprocess.Popen([sys.executable, "-c", _LOSS_AND_GRAD, mode], cwd=ROOT, env=env, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for mode in modes]
-    results = []
+    procs = [subprocess.Popen([sys.executable, "-c", script, *argv], cwd=ROOT, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for argv in argvs]
+    lines = []
     for proc in procs:
-        out, err = proc.communicate(timeout=300)
+        out, err = proc.communicate(timeout=timeout)
         assert proc.returncode == 0, err[-3000:]
-        results.append(json.loads(out.strip().splitlines()[-1]))
-    return results
+        lines.append(out.strip().splitlines()[-1])
+    return lines
+
+
+def _run(*modes: str) -> list[dict]:
+    """The loss-and-gradient script once per mode; their JSON lines, in order."""
+    return [json.loads(line) for line in _last_lines(_LOSS_AND_GRAD, [[mode] for mode in modes])]
 
 
 def test_tuned_flag_moves_convolutions_off_ynnpack_and_keeps_the_numbers():
@@ -116,16 +122,8 @@ def test_default_and_multi_device_cpu_settings_sample_what_xla_defaults_on_one_d
     500 samples wrong (up to 0.045 here, whole samples on a trained model), so the flag is only added on one device."""
     modes = {"reference": ("1", "default"), "default": (str(cpu_backend.DEFAULT_CPU_DEVICES), "tuned"),
              "two_devices": ("2", "tuned")}
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["JAX_PLATFORMS"] = "cpu"
-    procs = {name: subprocess.Popen([sys.executable, "-c", _SAMPLES, devices, tuned, str(tmp_path / f"{name}.npy")],
-                                    cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-             for name, (devices, tuned) in modes.items()}
-    notes = {}
-    for name, proc in procs.items():
-        out, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, err[-3000:]
-        notes[name] = out.strip().splitlines()[-1]
+    argvs = [[devices, tuned, str(tmp_path / f"{name}.npy")] for name, (devices, tuned) in modes.items()]
+    notes = dict(zip(modes, _last_lines(_SAMPLES, argvs, timeout=600)))
     assert notes["default"] == f"XLA_FLAGS += {cpu_backend.tuning_flag()}"  # the fast path is the default
     assert notes["two_devices"].startswith("XLA CPU flag not added: 2 CPU devices")
     reference = np.load(tmp_path / "reference.npy")
