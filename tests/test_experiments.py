@@ -132,8 +132,9 @@ def test_mnist_joint_config_is_the_plain_one_with_the_label_given_to_the_denoise
     for dataset in ("", "fashion"):
         changed = _changed_fields(mnist_image_label.get_config(dataset),
                                   mnist_image_label.get_config(f"{dataset}_plain_joint".lstrip("_")))
-        assert changed == {**_LABEL_GIVEN, "model.heads_train_backbone": False,
-                           "modalities.label.dropout": 0.1}, changed
+        assert changed == {**_LABEL_GIVEN, "model.heads_train_backbone": False, "modalities.label.dropout": 0.1,
+                           "modalities.label.head_loss_when_dropped": True,
+                           "modalities.label.head_width": 32}, changed
     classifier = mnist_image_label.get_config("classifier_only")
     assert classifier.diffusion.denoiser_output == "eps" and classifier.modalities.label.dropout == 0.0
     with pytest.raises(ValueError, match="unknown preset 'plain_joint'"):

@@ -7,7 +7,8 @@
 The joint model tells its denoiser the label's class wherever it is known (the data's in training, a given or drawn
 label in sampling: `diffusion.read_known_classes` with `diffusion.denoiser_output='read_codes'`), while the label's
 code still drives the forward process; the label head is a small CNN on the noisy latent (`head='latent'`, its loss
-kept out of the backbone); label dropout 0.1 gives classifier-free guidance; joint samples draw the label first.
+kept out of the backbone, trained on the label-dropped examples too, first width 32); label dropout 0.1 gives
+classifier-free guidance; joint samples draw the label first.
 `:plain_joint` is the joint model without these (the denoiser reads z_t as it is, the head reads its features),
 the starting point of the ablations in docs/results.md.
 
@@ -59,6 +60,10 @@ def get_config(preset: str = "", with_label: bool = True):
         config_base.give_known_labels_to_the_denoiser(c)  # read_codes, read_known_classes, latent head, drawn labels
         c.model.heads_train_backbone = False  # the backbone learns from the denoising loss alone
         c.modalities.label.dropout = 0.1  # the unconditional model: joint samples and classifier-free guidance
+        # the head also learns from the dropped examples (no label shift in z_t: it must read the noisy image) and
+        # is twice as wide: image -> label at least the classifier-only model's (docs/results.md)
+        c.modalities.label.head_loss_when_dropped = True
+        c.modalities.label.head_width = 32
     if classifier_only:
         c.modalities.label.weight_scale = 0.0  # no shift: the head reads the noised image alone
         c.diffusion.loss_weights.l0 = 0.0  # no denoising
