@@ -92,7 +92,8 @@ def evaluate(config, workdir: str, tagged: bool = False) -> dict:
     results["conditional_examples"] = len(conditional_src)
     for m in gen.diff.modalities.aux:
         if m.kind == "label":
-            results.update(_label_metrics(gen, m, key, conditional_src, joint, ev, read, out_dir))
+            results.update(_label_metrics(gen, m, key, conditional_src, joint, ev, read, out_dir,
+                                          reference=test_src.arrays[config.primary]))
         elif m.kind == "mask":
             results.update(_mask_metrics(gen, m, key, conditional_src, joint))
             if "label" in conditional_src.arrays:
@@ -147,9 +148,11 @@ def _image_metrics(config, ev, gen, train_src, test_src, joint) -> tuple[dict, n
     return metrics, self_read
 
 
-def _label_metrics(gen, m, key, test_src, joint, ev, read, out_dir) -> dict:
+def _label_metrics(gen, m, key, test_src, joint, ev, read, out_dir, reference) -> dict:
     """Agreement of generated labels with the evaluator's reading of their images; the rarest generated class;
-    image -> label accuracy on held-out images; label -> image accuracy (the evaluator reads the requested class)."""
+    image -> label accuracy on held-out images `test_src` (the first eval.conditional_examples); label -> image accuracy
+    (the evaluator reads the requested class); the Fréchet distance of the images generated without the label against
+    `reference`, all the held-out images [N, H, W, C] (the joint samples' reference)."""
     image_name = gen.diff.modalities.primary.name
     n, num_classes = len(joint[m.name]), m.spec.num_classes
     labels = joint[m.name]
@@ -196,7 +199,7 @@ def _label_metrics(gen, m, key, test_src, joint, ev, read, out_dir) -> dict:
                                      sort_grid_by_label=True)
         marginal = gen.generate(jax.random.fold_in(key, 5), n, absent=[m.name])  # the image without the label
         metrics["image/frechet_distance_without_" + m.name] = feature_metrics.frechet_distance(
-            ev(test_src.arrays[image_name])[1], ev(marginal[image_name])[1])
+            ev(reference)[1], ev(marginal[image_name])[1])
     return metrics
 
 

@@ -14,6 +14,7 @@ from mmdiff_jax.configs import digits_image_label, tiny
 from mmdiff_jax import config_check, evaluate, objective, sample, train
 from mmdiff_jax.config_check import ConfigError
 from mmdiff_jax.data import sources
+from mmdiff_jax.evaluation import feature_metrics
 from mmdiff_jax.diffusion import process
 from mmdiff_jax.errors import UserError
 
@@ -171,8 +172,12 @@ def test_unknown_labels_absent_leaves_them_out_of_conditional_sampling_only(drop
         config_check.validate(bad, device_count=2, process_count=1)
 
 
-def test_eval_reports_guided_accuracy_bits_per_dim_by_modality_and_the_head_probe(dropout_run):
+def test_eval_reports_guided_accuracy_bits_per_dim_by_modality_and_the_head_probe(dropout_run, monkeypatch):
     config, workdir, _ = dropout_run
+    references = []  # every Fréchet distance's first argument: the held-out features it is measured against
+    frechet_distance = feature_metrics.frechet_distance
+    monkeypatch.setattr(feature_metrics, "frechet_distance", lambda real, fake: references.append(len(real)) or
+                        frechet_distance(real, fake))
     config = config.copy_and_resolve_references()
     config.eval.image_to_label_draws = 2
     config.eval.conditional_examples = 100  # image -> label on the first 100 held-out digits (of 359)
@@ -209,6 +214,8 @@ def test_eval_reports_guided_accuracy_bits_per_dim_by_modality_and_the_head_prob
     assert results[f"{guided}2_t{big_t + 1}-{big_t + 1}"] == results[f"{guided}0"]
     assert f"{guided}0_t0-{big_t}" not in results  # weight 0 is not repeated per interval
     assert results["image/frechet_distance_without_label"] > 0
+    # all of them against every held-out digit, not the first conditional_examples (the image -> label subset)
+    assert len(references) == 3 and set(references) == {len(sources.for_eval(config, "test", workdir))}
     for t in config.eval.head_probe_steps:  # the label head probed on all held-out digits, with and without it
         assert 0.0 <= results[f"label/head_accuracy_t{t}"] <= 1.0
         assert 0.0 <= results[f"label/head_accuracy_t{t}_without_label"] <= 1.0
