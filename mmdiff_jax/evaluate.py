@@ -82,18 +82,17 @@ def evaluate(config, workdir: str, tagged: bool = False) -> dict:
         "num_samples": n,
         "sampler": f"{config.sample.sampler} {config.sample.num_steps} steps (eta {config.sample.eta}), EMA params",
     }
-    ev = read = embed = None
+    ev = read = real_feats = embed = None
     if "label" in train_src.arrays and config.primary in train_src.arrays:  # image quality in an evaluator's features
         ev = evaluator_lib.for_sources(config, workdir, train_src, test_src)
-        image_results, read = _image_metrics(config, ev, gen, train_src, test_src, joint)
+        image_results, read, real_feats = _image_metrics(config, ev, gen, train_src, test_src, joint)
         results.update(image_results)
     n_cond = config.eval.conditional_examples  # 0: all; each example costs a reverse process per conditional metric
     conditional_src = test_src.first(n_cond) if n_cond else test_src
     results["conditional_examples"] = len(conditional_src)
     for m in gen.diff.modalities.aux:
         if m.kind == "label":
-            results.update(_label_metrics(gen, m, key, conditional_src, joint, ev, read, out_dir,
-                                          reference=test_src.arrays[config.primary]))
+            results.update(_label_metrics(gen, m, key, conditional_src, joint, ev, read, out_dir, real_feats))
         elif m.kind == "mask":
             results.update(_mask_metrics(gen, m, key, conditional_src, joint))
             if "label" in conditional_src.arrays:
@@ -127,9 +126,9 @@ def evaluate(config, workdir: str, tagged: bool = False) -> dict:
     return results
 
 
-def _image_metrics(config, ev, gen, train_src, test_src, joint) -> tuple[dict, np.ndarray]:
+def _image_metrics(config, ev, gen, train_src, test_src, joint) -> tuple[dict, np.ndarray, np.ndarray]:
     """Fréchet distance, precision/recall against held-out images, the evaluator's class balance of the samples.
-    Returns (metrics, the evaluator's reading of each joint sample)."""
+    Returns (metrics, the evaluator's reading of each joint sample, its features of every held-out image [N, F])."""
     image_name = gen.diff.modalities.primary.name
     num_classes = int(train_src.arrays["label"].max()) + 1
     self_read, fake_feats = ev(joint[image_name])
@@ -145,14 +144,14 @@ def _image_metrics(config, ev, gen, train_src, test_src, joint) -> tuple[dict, n
         "reference/frechet_distance_train_vs_test": feature_metrics.frechet_distance(real_feats, train_feats),
         "image/min_class_fraction_evaluator": float(counts.min() / len(self_read)),
     }
-    return metrics, self_read
+    return metrics, self_read, real_feats
 
 
-def _label_metrics(gen, m, key, test_src, joint, ev, read, out_dir, reference) -> dict:
+def _label_metrics(gen, m, key, test_src, joint, ev, read, out_dir, real_feats) -> dict:
     """Agreement of generated labels with the evaluator's reading of their images; the rarest generated class;
     image -> label accuracy on held-out images `test_src` (the first eval.conditional_examples); label -> image accuracy
     (the evaluator reads the requested class); the Fréchet distance of the images generated without the label against
-    `reference`, all the held-out images [N, H, W, C] (the joint samples' reference)."""
+    `real_feats`, the evaluator's features of every held-out image [N, F] (the joint samples' reference)."""
     image_name = gen.diff.modalities.primary.name
     n, num_classes = len(joint[m.name]), m.spec.num_classes
     labels = joint[m.name]
@@ -199,7 +198,7 @@ def _label_metrics(gen, m, key, test_src, joint, ev, read, out_dir, reference) -
                                      sort_grid_by_label=True)
         marginal = gen.generate(jax.random.fold_in(key, 5), n, absent=[m.name])  # the image without the label
         metrics["image/frechet_distance_without_" + m.name] = feature_metrics.frechet_distance(
-            ev(reference)[1], ev(marginal[image_name])[1])
+            real_feats, ev(marginal[image_name])[1])
     return metrics
 
 

@@ -14,9 +14,9 @@ from mmdiff_jax.configs import digits_image_label, tiny
 from mmdiff_jax import config_check, evaluate, objective, sample, train
 from mmdiff_jax.config_check import ConfigError
 from mmdiff_jax.data import sources
-from mmdiff_jax.evaluation import feature_metrics
 from mmdiff_jax.diffusion import process
 from mmdiff_jax.errors import UserError
+from mmdiff_jax.evaluation import feature_metrics
 
 
 class _Recorder(nnx.Module):
