@@ -142,6 +142,11 @@ def get_base_config() -> ml_collections.ConfigDict:
     # with diffusion.read_known_classes the backbone then sees no label rather than a soft read of one, which it was
     # never trained on)
     c.sample.unknown_labels = "read"
+    # Masks that are not given, in every direction, joint samples included: 'read' (they stay in the process, carried
+    # by their heads' expected codes at every step) or 'absent' (a model trained with their dropout leaves them out of
+    # the process, generates the rest without them, and reads them with their heads at the last step: a joint sample
+    # is then the image (and labels) generated without the mask, and a mask read from them)
+    c.sample.unknown_masks = "read"
     c.sample.batch_size = 500  # samples per compiled sampler call
     c.sample.seed = 1  # sampling RNG (part of the --mode eval / sample output tag)
 

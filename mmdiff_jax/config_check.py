@@ -323,6 +323,12 @@ def validate(config, device_count: int | None = None, process_count: int | None 
     c.choice("sample.clip_z0", {True, False})
     c.choice("sample.joint_labels", {"expected", "drawn"})
     c.choice("sample.unknown_labels", {"read", "absent"})
+    if c.choice("sample.unknown_masks", {"read", "absent"}) == "absent" and "modalities" in config:
+        undropped = sorted(n for n, m in config.modalities.items()
+                           if dict(m).get("kind") == "mask" and not float(dict(m).get("dropout", 0.0) or 0.0) > 0)
+        if undropped:
+            c.problems.append(f"sample.unknown_masks: 'absent' leaves a mask out of the process, which the model must "
+                              f"have seen in training: set modalities.<name>.dropout > 0 for {undropped}, or use 'read'.")
     c.int_range("sample.batch_size", 1)
     knn = c.int_range("eval.knn_k", 1)
     c.int_range("eval.num_samples", (knn or 1) + 1)

@@ -130,7 +130,8 @@ class Generator:
         at t = T and the rest generated given it (see `_draw_labels`); 'expected' (the default) generates the label
         in the process, carried by its head's expected code at every step. When something is given, labels that are
         not stay in the process (`sample.unknown_labels = 'read'`) or are left out of it and read by their heads
-        at the last step ('absent').
+        at the last step ('absent'); `sample.unknown_masks = 'absent'` does the same for masks that are not given,
+        joint samples included.
 
         Returns {modality name: data} for every modality (the given ones are passed through; absent ones are the
         heads' outputs, which were not used).
@@ -152,11 +153,14 @@ class Generator:
         if not joint and self.config.sample.get("unknown_labels", "read") == "absent":
             absent = list(absent) + [m.name for m in mods.aux
                                      if m.kind == "label" and m.name not in given and m.name not in absent]
+        if self.config.sample.get("unknown_masks", "read") == "absent":  # joint samples too
+            absent = list(absent) + [m.name for m in mods.aux
+                                     if m.kind == "mask" and m.name not in given and m.name not in absent]
         present = None
         if absent or guides:
             if not mods.conditions_on_presence:
-                raise UserError("absent modalities, sample.unknown_labels='absent' and guidance need a model trained "
-                                "with modality dropout (modalities.<name>.dropout > 0).")
+                raise UserError("absent modalities, sample.unknown_labels or unknown_masks='absent' and guidance need a "
+                                "model trained with modality dropout (modalities.<name>.dropout > 0).")
             present = jnp.asarray([name not in absent for name in aux_names])
         if joint and self.config.sample.get("joint_labels", "expected") == "drawn":
             names = [m.name for m in mods.aux if m.kind == "label" and m.name not in absent]

@@ -15,7 +15,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from mmdiff_jax import config_base, config_check, configs, evaluate, modalities, sample, train
+from mmdiff_jax import config_base, config_check, configs, evaluate, modalities, objective, sample, train
 from mmdiff_jax.configs import (digits_image_label, digits_image_label_mask, digits_image_mask, digits_image_vector,
                                 digits_masked_image, mnist_image_label, mnist_image_only, shapes_image_mask, tiny)
 from mmdiff_jax.data import sources
@@ -187,6 +187,38 @@ def test_image_mask_model_trains_samples_and_is_evaluated(mask_run):
     assert "image/frechet_distance" not in results  # shapes have no class labels to train an evaluator on
     for name in ("joint.png", "joint_mask.png", "joint.npz"):
         assert os.path.getsize(os.path.join(workdir, "samples", name)) > 0
+
+
+def test_unknown_masks_absent_leaves_a_mask_that_is_not_given_out_of_every_direction():
+    """sample.unknown_masks='absent' (an untrained image + mask model with mask dropout): a mask that is not given is
+    left out of the process and read by its head at the last step, in joint sampling and given the image, exactly as
+    an explicit absent=['mask']; a given mask is unchanged; a mask trained without dropout is refused in one line."""
+    config = tiny.get_config("mask")
+    config.modalities.mask["dropout"] = 0.2
+    config.sample.batch_size = 8
+    diff = objective.build_diffusion(config)
+    graphdef, params = train.create_model(config, diff)
+    read_gen = sample.Generator(config=config, diff=diff, graphdef=graphdef, params=params, step=0)
+    absent_config = config.copy_and_resolve_references()
+    absent_config.sample.unknown_masks = "absent"
+    config_check.validate(absent_config, device_count=1, process_count=1)
+    absent_gen = sample.Generator(config=absent_config, diff=diff, graphdef=graphdef, params=params, step=0)
+    key = jax.random.key(3)
+    test = sources.get_source(config.data.source, "test", **dict(config.data.source_kwargs))
+    images, masks = test.arrays["image"][:6], test.arrays["mask"][:6]
+    for given in ({}, {"image": images}):
+        left_out, explicit = absent_gen.generate(key, 6, given=given), read_gen.generate(key, 6, given=given,
+                                                                                        absent=["mask"])
+        for name in ("image", "mask"):
+            np.testing.assert_array_equal(left_out[name], explicit[name])
+    assert not np.allclose(absent_gen.generate(key, 6)["image"], read_gen.generate(key, 6)["image"])  # no mask shift
+    a, r = absent_gen.generate(key, 6, given={"mask": masks}), read_gen.generate(key, 6, given={"mask": masks})
+    np.testing.assert_array_equal(a["image"], r["image"])
+    np.testing.assert_array_equal(a["mask"], masks)
+    absent_config.modalities.mask["dropout"] = 0.0
+    with pytest.raises(config_check.ConfigError,
+                       match=r"sample.unknown_masks: 'absent' .*\.dropout > 0 for \['mask'\]"):
+        config_check.validate(absent_config, device_count=1, process_count=1)
 
 
 @pytest.fixture(scope="module")
