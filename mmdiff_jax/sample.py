@@ -150,12 +150,13 @@ class Generator:
                                 tuple(self.config.sample.guidance_interval) if guidance_interval is None
                                 else tuple(guidance_interval))
         joint = not (set(given) - set(class_field)) and known_pixels is None  # nothing of the data given
-        if not joint and self.config.sample.get("unknown_labels", "read") == "absent":
-            absent = list(absent) + [m.name for m in mods.aux
-                                     if m.kind == "label" and m.name not in given and m.name not in absent]
-        if self.config.sample.get("unknown_masks", "read") == "absent":  # joint samples too
-            absent = list(absent) + [m.name for m in mods.aux
-                                     if m.kind == "mask" and m.name not in given and m.name not in absent]
+        left_out = set()  # kinds whose modalities are left out of the process where not given
+        if not joint and self.config.sample.get("unknown_labels") == "absent":
+            left_out.add("label")
+        if self.config.sample.get("unknown_masks") == "absent":  # joint samples too
+            left_out.add("mask")
+        absent = list(absent) + [m.name for m in mods.aux
+                                 if m.kind in left_out and m.name not in given and m.name not in absent]
         present = None
         if absent or guides:
             if not mods.conditions_on_presence:
