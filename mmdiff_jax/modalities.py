@@ -57,10 +57,11 @@ class ModalitySpec:
     # of the MLP on the pooled ones (a classifier with spatial features, e.g. on features it cannot train), and
     # "conv_latent": that CNN, one layer deeper, on the features and the backbone's input latent (the image itself),
     # and "latent": a five-layer CNN on that latent alone, with the embedding of t (for diffusion.read_known_classes,
-    # whose backbone features carry the given class)
+    # whose backbone features carry the given class); a mask takes "latent": four full-resolution convolutions on
+    # that latent and the time embedding (with a given label's class), for a backbone its head should not train
     head: str = ""
-    # head "latent": its first width W (0: the backbone's first width); its convolutions have 2W, 2W, 4W, 4W, 4W
-    # channels, so the parameters grow about as W^2
+    # head "latent": its first width W (0: the backbone's first width); a label's convolutions have 2W, 2W, 4W, 4W,
+    # 4W channels, a mask's W, so the parameters grow about as W^2
     head_width: int = 0
 
 
@@ -341,12 +342,39 @@ class _PerPixelHead(nnx.Module):
         return self.out(nnx.silu(self.conv(feats.fmap)))
 
 
+class _LatentPerPixelHead(nnx.Module):
+    """The backbone's input latent [B, H, W, C] and the time embedding with what the composed model adds to it (a
+    given label's class, the presence flags) -> per-pixel outputs [B, H, W, out]: four 3x3 convolutions of width W at
+    full resolution (residual after the first; the embedding added after the first, the spatial mean after the
+    third), then a 1x1 convolution. It reads no backbone feature map: a segmenter of the noisy image for a backbone
+    trained by the denoising loss alone."""
+
+    def __init__(self, latent_channels: int, width: int, temb_dim: int, out_channels: int, rngs: nnx.Rngs):
+        self.conv_in = nnx.Conv(latent_channels, width, (3, 3), rngs=rngs)
+        self.temb_proj = nnx.Linear(temb_dim, width, rngs=rngs)
+        self.convs = nnx.List([nnx.Conv(width, width, (3, 3), rngs=rngs) for _ in range(3)])
+        self.pool_proj = nnx.Linear(width, width, rngs=rngs)
+        self.out = nnx.Conv(width, out_channels, (1, 1), rngs=rngs)
+
+    def __call__(self, feats: Features) -> jax.Array:
+        if feats.latent is None:
+            raise ValueError("this head reads the latent: the composed model must set Features.latent.")
+        h = nnx.silu(self.conv_in(feats.latent) + self.temb_proj(feats.temb)[:, None, None, :])  # [B, H, W, W]
+        for i, conv in enumerate(self.convs):
+            if i == 2:  # what the whole image says (e.g. its class) reaches every pixel
+                h = h + self.pool_proj(jnp.mean(h, axis=(1, 2)))[:, None, None, :]
+            h = h + nnx.silu(conv(h))
+        return self.out(nnx.silu(h))
+
+
 class MaskModality(Modality):
     """A segmentation mask, int [B, H, W] in 0..K-1 on the latent's grid. Encoder: a fixed unit-RMS code per class in
-    the latent's channels, placed per pixel. Head: a per-pixel classifier on the full-resolution features;
-    ê = per-pixel softmax · codes; categorical likelihood summed over pixels."""
+    the latent's channels, placed per pixel. Head: a per-pixel classifier on the full-resolution features (with
+    head="latent" a small CNN on the backbone's input latent and the time embedding instead); ê = per-pixel softmax ·
+    codes; categorical likelihood summed over pixels."""
 
     kind = "mask"
+    head_options = ("latent",)
 
     def __init__(self, spec: ModalitySpec, latent_shape: tuple[int, ...]):
         super().__init__(spec, latent_shape)
@@ -368,6 +396,9 @@ class MaskModality(Modality):
         return jnp.asarray(self.codes)[x]  # [B, H, W, C]
 
     def make_head(self, feature_dim, fmap_channels, temb_dim, rngs):
+        if self.spec.head == "latent":
+            width = int(self.spec.head_width) or fmap_channels
+            return _LatentPerPixelHead(self.latent_shape[-1], width, temb_dim, self.spec.num_classes, rngs)
         return _PerPixelHead(fmap_channels, self.spec.num_classes, rngs)
 
     def nll(self, head_out: jax.Array, x: jax.Array) -> jax.Array:

@@ -219,3 +219,44 @@ def test_mask_and_vector_kinds():
         mask.check_batch(np.full((2, 8, 8), 4), 2)
     with pytest.raises(M.ModalityError, match=r"shape \(4, 4\) must be the latent's grid \(8, 8\)"):
         M.MaskModality(M.ModalitySpec("mask", "mask", shape=(4, 4), num_classes=3), LATENT)
+
+
+def test_latent_mask_head_reads_the_latent_and_the_embedding_not_the_feature_map():
+    """A mask's head="latent": per-pixel logits [B, H, W, K] from the backbone's input latent and the time embedding
+    (with what the composed model adds: a given class changes them), the same with and without jit; the feature map
+    and pooled features are not read; head_width sets its width; without the latent it refuses."""
+    mods = M.build_modalities([M.ModalitySpec("image", "image", shape=LATENT),
+                               M.ModalitySpec("mask", "mask", shape=LATENT[:2], num_classes=5, head="latent")],
+                              LATENT)
+    head = mods.aux[0].make_head(feature_dim=24, fmap_channels=16, temb_dim=32, rngs=nnx.Rngs(0))
+    assert head.conv_in.out_features == 16
+    keys = jax.random.split(jax.random.key(3), 4)
+    feats = Features(jax.random.normal(keys[0], (3, 24)), jax.random.normal(keys[1], (3, 8, 8, 16)),
+                     jax.random.normal(keys[2], (3, 32)), latent=jax.random.normal(keys[3], (3,) + LATENT))
+    logits = head(feats)
+    chex.assert_shape(logits, (3,) + LATENT[:2] + (5,))
+    chex.assert_type(logits, jnp.float32)
+    jitted = nnx.jit(lambda h, temb, latent: h(Features(feats.pooled, feats.fmap, temb, latent)))
+    np.testing.assert_allclose(jitted(head, feats.temb, feats.latent), logits, rtol=1e-5, atol=1e-5)
+    others = Features(-feats.pooled, -feats.fmap, feats.temb, latent=feats.latent)
+    np.testing.assert_array_equal(np.asarray(head(others)), np.asarray(logits))
+    for changed in (Features(feats.pooled, feats.fmap, -feats.temb, latent=feats.latent),
+                    Features(feats.pooled, feats.fmap, feats.temb, latent=-feats.latent)):
+        assert float(jnp.max(jnp.abs(head(changed) - logits))) > 1e-4
+    with pytest.raises(ValueError, match="reads the latent"):
+        head(Features(feats.pooled, feats.fmap, feats.temb))
+    wide = M.build_modalities([M.ModalitySpec("image", "image", shape=LATENT),
+                               M.ModalitySpec("mask", "mask", shape=LATENT[:2], num_classes=5, head="latent",
+                                              head_width=8)], LATENT)
+    assert wide.aux[0].make_head(24, 16, 32, nnx.Rngs(0)).conv_in.out_features == 8
+    model = MTDiffusion(UNetConfig(channels=(16, 32), temb_dim=32), mods, rngs=nnx.Rngs(0), num_classes=10,
+                        heads_grad_max_t=0)
+    z = jax.random.normal(keys[3], (3,) + LATENT)
+    t = jnp.asarray([1, 5, 100])
+    _, heads_a = model(z, t, labels=jnp.asarray([0, 1, 2]))
+    _, heads_b = model(z, t, labels=jnp.asarray([7, 8, 9]))
+    assert float(jnp.max(jnp.abs(heads_a["mask"] - heads_b["mask"]))) > 1e-4  # it reads the given class
+
+    grads = nnx.grad(lambda m: jnp.sum(m(z, t, labels=jnp.asarray([0, 1, 2]))[1]["mask"] ** 2))(model)
+    assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads["backbone"])) == 0.0  # heads_grad_max_t=0
+    assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads["heads"])) > 0.0

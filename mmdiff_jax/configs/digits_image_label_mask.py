@@ -8,7 +8,8 @@ The label's class goes to the denoiser wherever it is known, as in `mnist_image_
 (`config_base.give_known_labels_to_the_denoiser`); the mask head still trains the backbone. Where the label is not
 given (image -> (label, mask), mask -> (image, label)) it is left out of the process and read by its head at the end
 (`sample.unknown_labels = 'absent'`). `:plain` is the model without these (the denoiser reads z_t as it is, the
-label head reads the backbone's features).
+label head reads the backbone's features). `:mask_head_latent` gives the mask a head of its own on the noisy latent
+and keeps every head's loss out of the backbone (the recipe of its image + label counterpart).
 
     python -m mmdiff_jax.main --config digits_image_label_mask --workdir runs/digits_three
     python -m mmdiff_jax.main --config digits_image_label_mask:plain --workdir runs/digits_three_plain
@@ -19,7 +20,7 @@ and `digits_image_mask:any_direction` (docs/results.md, "Digits, three modalitie
 
 from mmdiff_jax import config_base
 
-PRESETS = ("", "plain")
+PRESETS = ("", "plain", "mask_head_latent")
 
 
 def get_config(preset: str = ""):
@@ -37,4 +38,9 @@ def get_config(preset: str = ""):
         # image -> (label, mask) and mask -> (image, label): the unknown label is left out of the process and read at
         # the end, so the backbone sees no label (as in training, dropout 0.15) rather than a soft read of one
         c.sample.unknown_labels = "absent"
+    if preset == "mask_head_latent":
+        # the mask's head reads the noisy latent and the time embedding (with a given label's class), so no head
+        # trains the backbone: it learns from the denoising loss alone, as in the image + label counterpart
+        c.modalities.mask.head = "latent"
+        c.model.heads_train_backbone = False
     return c
