@@ -83,6 +83,10 @@ class Modality:
             self._fail(f"head_width must be 0 (the backbone's first width) or, with head 'latent', a positive "
                        f"integer; got {width!r} with head {spec.head!r}.")
 
+    def latent_head_width(self, fmap_channels: int) -> int:
+        """The width W of a head="latent": `head_width`, or with 0 the backbone's first width."""
+        return int(self.spec.head_width) or fmap_channels
+
     @property
     def data_dims(self) -> int:
         """Number of data dimensions (for bits per dimension)."""
@@ -273,8 +277,8 @@ class LabelModality(Modality):
 
     def make_head(self, feature_dim, fmap_channels, temb_dim, rngs):
         if self.spec.head == "latent":
-            width = int(self.spec.head_width) or fmap_channels
-            return _LatentHead(self.latent_shape[-1], width, temb_dim, self.spec.num_classes, 128, rngs)
+            return _LatentHead(self.latent_shape[-1], self.latent_head_width(fmap_channels), temb_dim,
+                               self.spec.num_classes, 128, rngs)
         if self.spec.head in ("conv", "conv_latent"):
             latent_channels = self.latent_shape[-1] if self.spec.head == "conv_latent" else 0
             return _ConvHead(fmap_channels, temb_dim, self.spec.num_classes, 128, rngs, latent_channels)
@@ -397,8 +401,8 @@ class MaskModality(Modality):
 
     def make_head(self, feature_dim, fmap_channels, temb_dim, rngs):
         if self.spec.head == "latent":
-            width = int(self.spec.head_width) or fmap_channels
-            return _LatentPerPixelHead(self.latent_shape[-1], width, temb_dim, self.spec.num_classes, rngs)
+            return _LatentPerPixelHead(self.latent_shape[-1], self.latent_head_width(fmap_channels), temb_dim,
+                                       self.spec.num_classes, rngs)
         return _PerPixelHead(fmap_channels, self.spec.num_classes, rngs)
 
     def nll(self, head_out: jax.Array, x: jax.Array) -> jax.Array:
