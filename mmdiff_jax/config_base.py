@@ -29,8 +29,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.latent_shape = (8, 8, 1)  # the diffusion space: the primary image's shape [H, W, C]
     c.primary = "image"  # the modality that is the latent (identity encoder)
     # Modalities: name -> {kind, shape, num_classes, weight_schedule, weight_scale, loss_weight, seed, dropout,
-    # head_loss_when_dropped, code_grid, head, head_width} (mmdiff_jax/modalities.py, ModalitySpec); write an
-    # auxiliary one as config_base.modality(kind, **fields) so that every field can be overridden on the command line.
+    # head_loss_when_dropped, code_grid, head, head_width, to_denoiser} (mmdiff_jax/modalities.py, ModalitySpec);
+    # write an auxiliary one as config_base.modality(kind, **fields) so that every field can be overridden on the
+    # command line.
     c.modalities = ml_collections.ConfigDict()
     c.modalities.image = dict(kind="image", shape=(8, 8, 1))
 

@@ -63,6 +63,10 @@ class ModalitySpec:
     # head "latent": its first width W (0: the backbone's first width); a label's convolutions have 2W, 2W, 4W, 4W,
     # 4W channels, a mask's W, so the parameters grow about as W^2
     head_width: int = 0
+    # mask: the probability that a training example whose mask drives the process also gives the mask to the
+    # denoiser, as its one-hot classes in extra input channels (the mask head's loss is then not counted, as for a
+    # dropped mask); in sampling a given mask always goes to it. 0: the denoiser knows a mask only from its shift
+    to_denoiser: float = 0.0
 
 
 class Modality:
@@ -82,6 +86,11 @@ class Modality:
         if int(width) != width or width < 0 or (width and spec.head != "latent"):
             self._fail(f"head_width must be 0 (the backbone's first width) or, with head 'latent', a positive "
                        f"integer; got {width!r} with head {spec.head!r}.")
+        rate = spec.to_denoiser
+        if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0.0 <= rate <= 1.0:
+            self._fail(f"to_denoiser must be a probability in [0, 1], got {rate!r}.")
+        if rate and self.kind != "mask":
+            self._fail("to_denoiser is for masks (a one-hot class map the denoiser can take as input); set it to 0.")
 
     def latent_head_width(self, fmap_channels: int) -> int:
         """The width W of a head="latent": `head_width`, or with 0 the backbone's first width."""
@@ -478,6 +487,10 @@ class ModalitySet:
 
     def head_loss_when_dropped(self) -> list[bool]:
         return [m.spec.head_loss_when_dropped for m in self.aux]
+
+    def denoiser_inputs(self) -> list[tuple[int, Modality]]:
+        """(index among the auxiliary modalities, modality) of the masks given to the denoiser (`to_denoiser` > 0)."""
+        return [(i, m) for i, m in enumerate(self.aux) if m.spec.to_denoiser > 0]
 
     @property
     def conditions_on_presence(self) -> bool:

@@ -68,6 +68,12 @@ def modality_specs(config) -> list[modalities_lib.ModalitySpec]:
     return specs
 
 
+def denoiser_input_channels(config) -> int:
+    """The denoiser's input channels besides z_t's: the one-hot classes of the masks given to it
+    (`modalities.<name>.to_denoiser` > 0; see `predict`)."""
+    return sum(int(s.num_classes) for s in modality_specs(config) if s.kind == "mask" and s.to_denoiser > 0)
+
+
 def build_diffusion(config) -> Diffusion:
     """The modalities and the schedule of a config (checks the prior; errors name the config field)."""
     mods = modalities_lib.build_modalities(modality_specs(config), tuple(config.latent_shape))
@@ -107,7 +113,8 @@ class Prediction(NamedTuple):
 
 def predict(model, diff: Diffusion, zt: jax.Array, t: jax.Array, present: jax.Array | None = None,
             dropout_key: jax.Array | None = None, labels: jax.Array | None = None,
-            known_classes: Mapping[str, jax.Array] | None = None) -> Prediction:
+            known_classes: Mapping[str, jax.Array] | None = None,
+            known_masks: Mapping[str, jax.Array] | None = None) -> Prediction:
     """The reverse model at (z_t [B, *S], t [B]): `Prediction` (ε̂, ê, the heads' outputs, the variance's frac).
 
     `present` [B, N] (models trained with modality dropout): a dropped modality does not drive the process, so its
@@ -126,6 +133,9 @@ def predict(model, diff: Diffusion, zt: jax.Array, t: jax.Array, present: jax.Ar
     labels of a class-conditional model (`diff.num_classes` > 0). `known_classes` {label modality name: int [B]}:
     with 'read_codes' and `diff.read_known_classes`, those labels' classes are given to the reader instead of read
     from z_t (one-hot p, exact codes): the training data's, a sampler's given or drawn labels; unknown ones are read.
+    `known_masks` {mask modality name: int [B, H, W], -1 = not given}: masks with `to_denoiser` > 0 given to the
+    denoiser as one-hot input channels (zeros where not given, or where `present` leaves the mask out), their ê the
+    true encoding where given; a mask missing from it is not given.
     """
     kwargs = {} if labels is None else {"labels": labels}
     mods = diff.modalities
@@ -134,6 +144,10 @@ def predict(model, diff: Diffusion, zt: jax.Array, t: jax.Array, present: jax.Ar
         known = known_classes if diff.read_known_classes else None
         kwargs["read_probs"], enc_read = code_reader.read(mods, diff.sched, zt, t, present, known)
         model_input = zt - process.mix_modalities(diff.sched.c, t, enc_read)
+    given_masks = _given_masks(mods, known_masks, present, zt.shape[0])
+    if given_masks:
+        kwargs["mask_inputs"] = jnp.concatenate(
+            [jax.nn.one_hot(ids, m.spec.num_classes, dtype=zt.dtype) for _, m, ids in given_masks], axis=-1)
     if dropout_key is not None and getattr(model, "takes_dropout_key", False):  # a backbone with dropout (ADM)
         kwargs["dropout_key"] = dropout_key
     out, heads = model(model_input, t, present, **kwargs)
@@ -142,6 +156,9 @@ def predict(model, diff: Diffusion, zt: jax.Array, t: jax.Array, present: jax.Ar
         channels = zt.shape[-1]
         out, var_frac = out[..., :channels], (out[..., channels:] + 1.0) / 2.0
     enc_hat = mods.expected_encodings(heads, zt.shape[0])
+    for i, m, ids in given_masks:  # a given mask's encoding is known, not predicted
+        true_enc = m.encode(jnp.maximum(ids, 0))
+        enc_hat = enc_hat.at[:, i].set(jnp.where((ids >= 0)[..., None], true_enc, enc_hat[:, i]))
     if present is not None:
         enc_hat = enc_hat * _per_modality(present.astype(enc_hat.dtype), enc_hat)
     if diff.denoiser_output == "composite":
@@ -151,6 +168,21 @@ def predict(model, diff: Diffusion, zt: jax.Array, t: jax.Array, present: jax.Ar
         shift = process.mix_modalities(diff.sched.c, t, enc_read - enc_hat)
         out = out + shift / process.per_example(diff.sched.s, t, zt)
     return Prediction(out, enc_hat, heads, var_frac)
+
+
+def _given_masks(mods, known_masks, present, batch_size) -> list[tuple[int, Any, jax.Array]]:
+    """(index, modality, class ids int [B, H, W] with -1 where not given) for every mask the denoiser takes; a mask
+    that `present` [B, N] leaves out of the process is not given either."""
+    out = []
+    for i, m in mods.denoiser_inputs():
+        ids = None if known_masks is None else known_masks.get(m.name)
+        if ids is None:
+            ids = jnp.full((batch_size,) + tuple(m.spec.shape), -1, jnp.int32)
+        ids = ids.astype(jnp.int32)
+        if present is not None:
+            ids = jnp.where(present[:, i].reshape((-1,) + (1,) * (ids.ndim - 1)) > 0, ids, -1)
+        out.append((i, m, ids))
+    return out
 
 
 def compute_loss(model, diff: Diffusion, batch: Mapping[str, jax.Array], key: jax.Array):
@@ -171,14 +203,25 @@ def compute_loss(model, diff: Diffusion, batch: Mapping[str, jax.Array], key: ja
     zt = process.q_sample(diff.sched, t, z0, enc, eps)
     labels = batch[CLASS_LABELS] if diff.num_classes else None
     known = {m.name: batch[m.name] for m in mods.aux if m.kind in code_reader.read_kinds()}
+    # masks given to the denoiser: each present one with probability `to_denoiser` (the rest only drive the process)
+    given = {}  # {index: bool [B]}
+    for i, m in mods.denoiser_inputs():
+        draw = jax.random.uniform(jax.random.fold_in(jax.random.fold_in(key, 4), i), (batch_size,))
+        given[i] = draw < m.spec.to_denoiser
+        if present is not None:
+            given[i] = given[i] & (present[:, i] > 0)
+    known_masks = {mods.aux[i].name: jnp.where(g.reshape((-1,) + (1,) * (batch[mods.aux[i].name].ndim - 1)),
+                                               batch[mods.aux[i].name], -1) for i, g in given.items()}
     eps_hat, enc_hat, head_outs, var_frac = predict(model, diff, zt, t, present, dropout_key=jax.random.fold_in(key, 3),
-                                                    labels=labels, known_classes=known)
+                                                    labels=labels, known_classes=known, known_masks=known_masks)
     aux_nll = mods.nlls(head_outs, batch, batch_size)
     trained = jnp.ones_like(aux_nll)  # [B, N]: the examples each head is trained on
     if present is not None:
         # a dropped modality's head is not trained on it, unless asked to (then it reads the primary alone)
         trained = jnp.maximum(present, jnp.asarray(mods.head_loss_when_dropped(), jnp.float32))
-        aux_nll = aux_nll * trained
+    for i, g in given.items():  # nor is a mask's head where the denoiser was given the mask
+        trained = trained.at[:, i].multiply(1.0 - g.astype(jnp.float32))
+    aux_nll = aux_nll * trained
     terms = losses.loss_terms(diff.sched, t, z0, enc, eps, eps_hat, enc_hat, aux_nll, mods.loss_weights(),
                               diff.bin_width, var_frac, diff.vlb_trains_mean)
     if diff.denoiser_output == "read_codes":

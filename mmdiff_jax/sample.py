@@ -49,10 +49,10 @@ class Generator:
     def chain(self) -> samplers.SamplingChain:
         return samplers.respace(self.diff.betas, self.diff.weights, self.config.sample.num_steps)
 
-    def _predict_fn(self, params, labels=None, known_classes=None):
+    def _predict_fn(self, params, labels=None, known_classes=None, known_masks=None):
         def predict(zt, t, present=None):
             return objective.predict(nnx.merge(self.graphdef, params), self.diff, zt, t, present, labels=labels,
-                                     known_classes=known_classes)
+                                     known_classes=known_classes, known_masks=known_masks)
 
         return predict
 
@@ -64,10 +64,10 @@ class Generator:
 
         @functools.partial(jax.jit, static_argnames=("batch_size", "has_z0", "guidance"))
         def run(params, key_data, known_enc, known_mask, known_z0, known_pixels, present, labels, known_classes,
-                batch_size, has_z0, guidance):
+                known_masks, batch_size, has_z0, guidance):
             key = jax.random.wrap_key_data(key_data)
             return samplers.sample(
-                chain, self._predict_fn(params, labels, known_classes), key, batch_size, latent_shape,
+                chain, self._predict_fn(params, labels, known_classes, known_masks), key, batch_size, latent_shape,
                 method=cfg.sampler, eta=cfg.eta, known_z0=known_z0 if has_z0 else None, known_enc=known_enc,
                 known_mask=known_mask, clip_z0=cfg.clip_z0, known_pixels=known_pixels, present=present,
                 guidance=guidance,
@@ -174,6 +174,7 @@ class Generator:
         # diffusion.read_known_classes: the given (or drawn) labels' classes go to the code reader as well
         read_known = [m.name for m in mods.aux if m.name in given and m.kind in code_reader.read_kinds()] \
             if self.diff.read_known_classes else []
+        masks_in = [m.name for _, m in mods.denoiser_inputs() if m.name in given]  # given masks the denoiser reads
         width = self.mesh.size  # a batch is a multiple of the devices it is split over
         bs = -(-min(self.config.sample.batch_size, num) // width) * width
         rows, whole = parallel.batch_sharding(self.mesh), parallel.replicated(self.mesh)
@@ -193,10 +194,11 @@ class Generator:
             batch_in = parallel.put((known_enc, z0_in, pixels), jax.tree.map(lambda _: rows, (known_enc, z0_in, pixels)))
             labels = parallel.put(part[objective.CLASS_LABELS], rows) if class_field else None
             known_classes = {name: parallel.put(np.asarray(part[name], np.int32), rows) for name in read_known}
+            known_masks = {name: parallel.put(np.asarray(part[name], np.int32), rows) for name in masks_in}
             z0, heads = self._sample_jit(
                 self._mesh_params, parallel.put(key_data, whole), batch_in[0], parallel.put(known_mask, whole),
                 batch_in[1], batch_in[2], None if present is None else parallel.put(present, whole), labels,
-                known_classes, batch_size=bs, has_z0=has_z0, guidance=guides)
+                known_classes, known_masks, batch_size=bs, has_z0=has_z0, guidance=guides)
             z0, heads = parallel.fetch((z0, heads))
             take = min(bs, num - start)
             image = np.asarray(part[mods.primary.name]) if has_z0 else np.clip(np.asarray(z0), -1.0, 1.0)

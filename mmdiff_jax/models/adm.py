@@ -43,6 +43,7 @@ class ADMConfig:
     resblock_updown: bool = True
     dropout: float = 0.0
     out_channels: int = 0  # 0: latent_channels (2 x that with a learned variance)
+    input_channels: int = 0  # extra input channels after z_t's (a given mask's one-hot classes)
     dtype: str = "float32"
     remat: bool = False
 
@@ -154,7 +155,7 @@ class ADM(nnx.Module):
         ch0 = cfg.channels[0]
         self.time1 = nnx.Linear(ch0, cfg.temb_dim, dtype=dtype, rngs=rngs)
         self.time2 = nnx.Linear(cfg.temb_dim, cfg.temb_dim, dtype=dtype, rngs=rngs)
-        self.conv_in = nnx.Conv(cfg.latent_channels, ch0, (3, 3), dtype=dtype, rngs=rngs)
+        self.conv_in = nnx.Conv(cfg.latent_channels + cfg.input_channels, ch0, (3, 3), dtype=dtype, rngs=rngs)
         attend = set(cfg.attention_resolutions)
         down, skips, ch, res = [], [ch0], ch0, cfg.image_size
         for level, width in enumerate(cfg.channels):

@@ -32,7 +32,11 @@ class MTDiffusion(nnx.Module):
 
     With `heads_grad_max_t` (a step in 0..T; None: every t) the heads' losses reach the backbone only through the
     examples with t <= that step (the heads read the other examples' features through a stop-gradient); 0: never,
-    the heads train on features the backbone learns from the denoising loss alone."""
+    the heads train on features the backbone learns from the denoising loss alone.
+
+    With the backbone's `input_channels` > 0 (masks given to the denoiser, `modalities.<name>.to_denoiser`) the
+    backbone reads z_t and `mask_inputs` [B, H, W, input_channels] (the given masks' one-hot classes, zeros where not
+    given) side by side; the heads that read the latent still read z_t alone."""
 
     def __init__(self, backbone: UNetConfig | ADMConfig, modalities: ModalitySet, *, rngs: nnx.Rngs,
                  num_classes: int = 0, read_classes: int = 0, heads_grad_max_t: int | None = None,
@@ -45,6 +49,7 @@ class MTDiffusion(nnx.Module):
             for m in modalities.aux
         })
         self.num_aux = len(modalities.aux)
+        self.input_channels = int(backbone.input_channels)
         self.heads_grad_max_t = heads_grad_max_t
         self.presence = nnx.data(
             nnx.Linear(self.num_aux, backbone.temb_dim, rngs=rngs, kernel_init=nnx.initializers.zeros_init())
@@ -61,10 +66,12 @@ class MTDiffusion(nnx.Module):
     def __call__(self, zt: jax.Array, t: jax.Array, present: jax.Array | None = None,
                  dropout_key: jax.Array | None = None,
                  labels: jax.Array | None = None,
-                 read_probs: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+                 read_probs: jax.Array | None = None,
+                 mask_inputs: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
         """`dropout_key`: the backbone's dropout in training (ignored by a backbone without dropout); `labels` int
         [B]: the class labels of a class-conditional model (required there, refused elsewhere); `read_probs`: the
-        code reader's class probabilities (required with `read_classes`, refused elsewhere)."""
+        code reader's class probabilities (required with `read_classes`, refused elsewhere); `mask_inputs`: see the
+        class docstring (None: no mask given)."""
         embedded = []  # [B, temb_dim] each, added to the time embedding
         if self.presence is not None:
             if present is None:
@@ -79,7 +86,15 @@ class MTDiffusion(nnx.Module):
         if read_probs is not None:
             embedded.append(self.read_embedding(read_probs.astype(jnp.float32)))
         extra = sum(embedded[1:], embedded[0]) if embedded else None
-        eps_hat, feats = self.backbone(zt, t, extra, dropout_key)
+        backbone_in = zt
+        if self.input_channels:
+            if mask_inputs is None:
+                mask_inputs = jnp.zeros(zt.shape[:-1] + (self.input_channels,), zt.dtype)
+            backbone_in = jnp.concatenate([zt, mask_inputs.astype(zt.dtype)], axis=-1)
+        elif mask_inputs is not None:
+            raise ValueError("`mask_inputs` needs a backbone built with input_channels "
+                             "(modalities.<mask>.to_denoiser).")
+        eps_hat, feats = self.backbone(backbone_in, t, extra, dropout_key)
         if self.heads_grad_max_t is not None:
             feats = feats.gradient_only_where(t <= self.heads_grad_max_t)
         feats = dataclasses.replace(feats, latent=zt)  # the backbone's input, for heads that read the image itself

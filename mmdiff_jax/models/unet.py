@@ -23,6 +23,7 @@ class UNetConfig:
     dtype: str = "float32"  # compute dtype; params stay float32
     remat: bool = False  # recompute each ResBlock's activations in the backward pass (less memory, more FLOPs)
     out_channels: int = 0  # 0: latent_channels (2 x that with a learned variance)
+    input_channels: int = 0  # extra input channels after z_t's (a given mask's one-hot classes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,14 +49,15 @@ class Features:
 
 
 class UNet(nnx.Module):
-    """z_t [B, H, W, C], t [B] -> (eps_hat [B, H, W, out_channels or C], Features)."""
+    """z_t [B, H, W, C (+ input_channels)], t [B] -> (eps_hat [B, H, W, out_channels or C], Features)."""
 
     def __init__(self, cfg: UNetConfig, *, rngs: nnx.Rngs):
         dtype = jnp.dtype(cfg.dtype)
         kw = dict(groups=cfg.groups, dtype=dtype, rngs=rngs)
         self.cfg = cfg
         self.time = TimeEmbedding(cfg.temb_dim, dtype=dtype, rngs=rngs)
-        self.conv_in = nnx.Conv(cfg.latent_channels, cfg.channels[0], (3, 3), dtype=dtype, rngs=rngs)
+        self.conv_in = nnx.Conv(cfg.latent_channels + cfg.input_channels, cfg.channels[0], (3, 3), dtype=dtype,
+                                rngs=rngs)
         down, skips_ch, ch = [], [cfg.channels[0]], cfg.channels[0]
         for level, width in enumerate(cfg.channels):
             for _ in range(cfg.blocks_per_level):
