@@ -100,7 +100,7 @@ def test_fashion_mnist_reads_idx_files_and_says_how_to_install(tmp_path):
     digits_image_mask.get_config(), digits_image_mask.get_config("segmentation_only"),
     digits_image_mask.get_config("per_pixel_mask_loss"), digits_image_mask.get_config("any_direction"),
     digits_image_label_mask.get_config(), digits_image_label_mask.get_config("plain"),
-    digits_image_label_mask.get_config("mask_head_latent"),
+    digits_image_label_mask.get_config("mask_head_latent"), digits_image_label_mask.get_config("mask_to_denoiser"),
     digits_image_label.get_config("any_direction_read_known"), digits_image_vector.get_config(),
     digits_image_vector.get_config("per_dim_vector_loss"),
     digits_masked_image.get_config(), digits_masked_image.get_config("reconstruction_only"),
@@ -156,6 +156,9 @@ def test_three_modality_config_and_its_label_counterpart_give_the_known_label_to
     assert _changed_fields(digits_image_label_mask.get_config("mask_head_latent"),
                            digits_image_label_mask.get_config()) == {"modalities.mask.head": "latent",
                                                                      "model.heads_train_backbone": False}
+    assert _changed_fields(digits_image_label_mask.get_config("mask_to_denoiser"),
+                           digits_image_label_mask.get_config()) == {"modalities.mask.weight_scale": 0.25,
+                                                                     "modalities.mask.to_denoiser": 0.5}
 
 
 def _train_tiny(preset, tmp_path_factory):

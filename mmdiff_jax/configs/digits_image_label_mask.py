@@ -9,7 +9,10 @@ The label's class goes to the denoiser wherever it is known, as in `mnist_image_
 given (image -> (label, mask), mask -> (image, label)) it is left out of the process and read by its head at the end
 (`sample.unknown_labels = 'absent'`). `:plain` is the model without these (the denoiser reads z_t as it is, the
 label head reads the backbone's features). `:mask_head_latent` gives the mask a head of its own on the noisy latent
-and keeps every head's loss out of the backbone (the recipe of its image + label counterpart).
+and keeps every head's loss out of the backbone (the recipe of its image + label counterpart). `:mask_to_denoiser`
+gives the mask a quarter of its shift and, in half of the training examples where it is present and whenever it is
+given in sampling, gives it to the denoiser as one-hot input channels (`modalities.mask.to_denoiser`): joint samples
+then feed back a small predicted shift, and mask -> (image, label) does not depend on it.
 
     python -m mmdiff_jax.main --config digits_image_label_mask --workdir runs/digits_three
     python -m mmdiff_jax.main --config digits_image_label_mask:plain --workdir runs/digits_three_plain
@@ -20,7 +23,7 @@ and `digits_image_mask:any_direction` (docs/results.md, "Digits, three modalitie
 
 from mmdiff_jax import config_base
 
-PRESETS = ("", "plain", "mask_head_latent")
+PRESETS = ("", "plain", "mask_head_latent", "mask_to_denoiser")
 
 
 def get_config(preset: str = ""):
@@ -43,4 +46,7 @@ def get_config(preset: str = ""):
         # trains the backbone: it learns from the denoising loss alone, as in the image + label counterpart
         c.modalities.mask.head = "latent"
         c.model.heads_train_backbone = False
+    if preset == "mask_to_denoiser":
+        c.modalities.mask["weight_scale"] = 0.25
+        c.modalities.mask["to_denoiser"] = 0.5
     return c
