@@ -157,7 +157,7 @@ def test_three_modality_config_and_its_label_counterpart_give_the_known_label_to
                            digits_image_label_mask.get_config()) == {"modalities.mask.head": "latent",
                                                                      "model.heads_train_backbone": False}
     assert _changed_fields(digits_image_label_mask.get_config("mask_to_denoiser"),
-                           digits_image_label_mask.get_config()) == {"modalities.mask.weight_scale": 0.25,
+                           digits_image_label_mask.get_config()) == {"modalities.mask.weight_scale": 0.1,
                                                                      "modalities.mask.to_denoiser": 0.5}
 
 

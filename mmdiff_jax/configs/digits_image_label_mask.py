@@ -10,7 +10,7 @@ given (image -> (label, mask), mask -> (image, label)) it is left out of the pro
 (`sample.unknown_labels = 'absent'`). `:plain` is the model without these (the denoiser reads z_t as it is, the
 label head reads the backbone's features). `:mask_head_latent` gives the mask a head of its own on the noisy latent
 and keeps every head's loss out of the backbone (the recipe of its image + label counterpart). `:mask_to_denoiser`
-gives the mask a quarter of its shift and, in half of the training examples where it is present and whenever it is
+gives the mask a tenth of its shift and, in half of the training examples where it is present and whenever it is
 given in sampling, gives it to the denoiser as one-hot input channels (`modalities.mask.to_denoiser`): joint samples
 then feed back a small predicted shift, and mask -> (image, label) does not depend on it.
 
@@ -47,6 +47,6 @@ def get_config(preset: str = ""):
         c.modalities.mask.head = "latent"
         c.model.heads_train_backbone = False
     if preset == "mask_to_denoiser":
-        c.modalities.mask["weight_scale"] = 0.25
+        c.modalities.mask["weight_scale"] = 0.1
         c.modalities.mask["to_denoiser"] = 0.5
     return c
