@@ -493,6 +493,11 @@ class ModalitySet:
         return [(i, m) for i, m in enumerate(self.aux) if m.spec.to_denoiser > 0]
 
     @property
+    def denoiser_input_channels(self) -> int:
+        """The denoiser's input channels besides z_t's: the one-hot classes of `denoiser_inputs`."""
+        return sum(int(m.spec.num_classes) for _, m in self.denoiser_inputs())
+
+    @property
     def conditions_on_presence(self) -> bool:
         """Whether the model is told which modalities are present (trained with modality dropout)."""
         return any(rate > 0 for rate in self.dropout_rates())

@@ -68,12 +68,6 @@ def modality_specs(config) -> list[modalities_lib.ModalitySpec]:
     return specs
 
 
-def denoiser_input_channels(config) -> int:
-    """The denoiser's input channels besides z_t's: the one-hot classes of the masks given to it
-    (`modalities.<name>.to_denoiser` > 0; see `predict`)."""
-    return sum(int(s.num_classes) for s in modality_specs(config) if s.kind == "mask" and s.to_denoiser > 0)
-
-
 def build_diffusion(config) -> Diffusion:
     """The modalities and the schedule of a config (checks the prior; errors name the config field)."""
     mods = modalities_lib.build_modalities(modality_specs(config), tuple(config.latent_shape))
@@ -204,14 +198,13 @@ def compute_loss(model, diff: Diffusion, batch: Mapping[str, jax.Array], key: ja
     labels = batch[CLASS_LABELS] if diff.num_classes else None
     known = {m.name: batch[m.name] for m in mods.aux if m.kind in code_reader.read_kinds()}
     # masks given to the denoiser: each present one with probability `to_denoiser` (the rest only drive the process)
-    given = {}  # {index: bool [B]}
+    given, known_masks = {}, {}  # {index: bool [B]}, {name: int [B, H, W], -1 where not given}
     for i, m in mods.denoiser_inputs():
         draw = jax.random.uniform(jax.random.fold_in(jax.random.fold_in(key, 4), i), (batch_size,))
         given[i] = draw < m.spec.to_denoiser
         if present is not None:
             given[i] = given[i] & (present[:, i] > 0)
-    known_masks = {mods.aux[i].name: jnp.where(g.reshape((-1,) + (1,) * (batch[mods.aux[i].name].ndim - 1)),
-                                               batch[mods.aux[i].name], -1) for i, g in given.items()}
+        known_masks[m.name] = jnp.where(given[i][:, None, None], batch[m.name], -1)
     eps_hat, enc_hat, head_outs, var_frac = predict(model, diff, zt, t, present, dropout_key=jax.random.fold_in(key, 3),
                                                     labels=labels, known_classes=known, known_masks=known_masks)
     aux_nll = mods.nlls(head_outs, batch, batch_size)

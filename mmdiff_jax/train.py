@@ -48,9 +48,6 @@ def backbone_config(config) -> UNetConfig | ADMConfig:
     """The denoiser `model.backbone` names: 'unet' (the small U-Net) or 'adm' (models/adm.py)."""
     m = config.model
     out_channels = 2 * config.latent_shape[-1] if m.get("learn_sigma", False) else 0  # ε and the variance's v
-    # masks given to the denoiser (modalities.<name>.to_denoiser): their one-hot classes as extra input channels
-    inputs = objective.denoiser_input_channels(config)
-    out_channels = out_channels or (config.latent_shape[-1] if inputs else 0)
     if m.get("backbone", "unet") == "adm":
         return ADMConfig(
             image_size=int(config.latent_shape[0]), latent_channels=config.latent_shape[-1],
@@ -58,11 +55,11 @@ def backbone_config(config) -> UNetConfig | ADMConfig:
             attention_resolutions=tuple(m.attention_resolutions), num_head_channels=m.num_head_channels,
             groups=m.groups, temb_dim=m.temb_dim, scale_shift_norm=bool(m.scale_shift_norm),
             resblock_updown=bool(m.resblock_updown), dropout=float(m.dropout), dtype=m.dtype,
-            remat=bool(m.get("remat", False)), out_channels=out_channels, input_channels=inputs)
+            remat=bool(m.get("remat", False)), out_channels=out_channels)
     return UNetConfig(
         latent_channels=config.latent_shape[-1], channels=tuple(m.channels), blocks_per_level=m.blocks_per_level,
         groups=m.groups, temb_dim=m.temb_dim, dtype=m.dtype, remat=bool(m.get("remat", False)),
-        out_channels=out_channels, input_channels=inputs,
+        out_channels=out_channels,
     )
 
 

@@ -39,7 +39,7 @@ def built():
 def test_the_backbone_reads_the_latent_and_the_masks_one_hot_classes(built):
     config, diff, graphdef, params, _ = built
     model = nnx.merge(graphdef, params)
-    assert objective.denoiser_input_channels(config) == 4
+    assert diff.modalities.denoiser_input_channels == 4
     assert model.backbone.conv_in.kernel[...].shape == (3, 3, 1 + 4, 16)  # z_t's channel and 4 classes
     assert model.backbone.conv_out.kernel[...].shape[-1] == 1  # the output is still ε̂ of the latent's channel
     plain = train.create_model(tiny.get_config("mask"), objective.build_diffusion(tiny.get_config("mask")))[1]

@@ -34,13 +34,15 @@ class MTDiffusion(nnx.Module):
     examples with t <= that step (the heads read the other examples' features through a stop-gradient); 0: never,
     the heads train on features the backbone learns from the denoising loss alone.
 
-    With the backbone's `input_channels` > 0 (masks given to the denoiser, `modalities.<name>.to_denoiser`) the
-    backbone reads z_t and `mask_inputs` [B, H, W, input_channels] (the given masks' one-hot classes, zeros where not
+    With masks given to the denoiser (`modalities.<name>.to_denoiser`) the backbone is built with their classes as
+    `input_channels` and reads z_t and `mask_inputs` [B, H, W, input_channels] (the given masks' one-hot classes, zeros where not
     given) side by side; the heads that read the latent still read z_t alone."""
 
     def __init__(self, backbone: UNetConfig | ADMConfig, modalities: ModalitySet, *, rngs: nnx.Rngs,
                  num_classes: int = 0, read_classes: int = 0, heads_grad_max_t: int | None = None,
                  read_exact: bool = False, read_init_std: float = 1.0):
+        self.input_channels = modalities.denoiser_input_channels
+        backbone = dataclasses.replace(backbone, input_channels=self.input_channels)
         self.backbone = BACKBONES[type(backbone)](backbone, rngs=rngs)
         # the loss draws a dropout key only for a backbone with dropout, so other models' programs stay as they were
         self.takes_dropout_key = isinstance(backbone, ADMConfig)
@@ -49,7 +51,6 @@ class MTDiffusion(nnx.Module):
             for m in modalities.aux
         })
         self.num_aux = len(modalities.aux)
-        self.input_channels = int(backbone.input_channels)
         self.heads_grad_max_t = heads_grad_max_t
         self.presence = nnx.data(
             nnx.Linear(self.num_aux, backbone.temb_dim, rngs=rngs, kernel_init=nnx.initializers.zeros_init())
